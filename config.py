@@ -1,0 +1,206 @@
+"""Configuration: read the environment once, check every value, freeze the result."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from limits import parse_many
+
+# Every variable the service reads, with a one-line description. Deploy descriptors
+# (app.json, render.yaml, .env.example, the README table) are tested against this.
+VARIABLES: dict[str, str] = {
+    "SPOTIFY_CLIENT_ID": "Client ID of your Spotify app (required)",
+    "SPOTIFY_CLIENT_SECRET": "Client secret of your Spotify app (required)",
+    "SPOTIFY_CLIENT_CALLBACK_URL": "Redirect URI(s) registered with Spotify, comma-separated; the first is the default (required)",
+    "ENCRYPTION_SECRET": "Secret(s) sealing refresh tokens, comma-separated, newest first; each at least 16 characters (required)",
+    "LEGACY_ENCRYPTION_SECRET": "ENCRYPTION_SECRET of a legacy Ruby/Sinatra token swap service whose tokens should still refresh (optional)",
+    "SPOTIFY_ACCOUNTS_URL": "Base URL of Spotify's accounts service (default https://accounts.spotify.com)",
+    "SPOTIFY_TIMEOUT": "Seconds to wait for Spotify on each call (default 10)",
+    "CORS_ORIGINS": "Browser origins allowed to call the service, comma-separated, or * (default: none)",
+    "TRUSTED_PROXIES": "How many proxies in front of the service set X-Forwarded-For/-Proto (default 0)",
+    "RATE_LIMIT_FAILURES": "Failed (4xx) requests allowed per client address, e.g. 60/minute; 0 or off disables (default 60/minute)",
+    "SPOTIFY_MAX_RATE": "Ceiling on calls forwarded to Spotify by this deployment, e.g. 50/second (default: none)",
+    "RATE_LIMIT_STORAGE_URI": "Where rate-limit counts live: memory:// or redis://host:port (default memory://)",
+}
+
+# Read by gunicorn.conf.py, not by the application.
+SERVER_VARIABLES: dict[str, str] = {
+    "PORT": "Port gunicorn listens on (default 8000)",
+    "WEB_CONCURRENCY": "Number of gunicorn worker processes (default 2)",
+}
+
+MIN_SECRET_LENGTH = 16
+GEN_SECRET_HINT = "generate one with: flask --app app gen-secret"
+
+
+class ConfigError(Exception):
+    """One or more configuration values are missing or invalid."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            "Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The service's settings, parsed and checked."""
+
+    client_id: str
+    client_secret: str
+    callback_urls: tuple[str, ...]
+    encryption_secrets: tuple[str, ...]
+    legacy_secret: str | None = None
+    accounts_url: str = "https://accounts.spotify.com"
+    timeout: float = 10.0
+    cors_origins: tuple[str, ...] = ()
+    trusted_proxies: int = 0
+    rate_limit_failures: str | None = "60/minute"
+    spotify_max_rate: str | None = None
+    rate_limit_storage_uri: str = "memory://"
+
+
+def generate_secret() -> str:
+    """A fresh, strong, URL-safe secret (256 bits of randomness)."""
+    return secrets.token_urlsafe(32)
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _is_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _check_rate(name: str, value: str, problems: list[str]) -> str | None:
+    if value.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    try:
+        parse_many(value)
+    except ValueError:
+        problems.append(
+            f"{name}={value!r} is not a rate limit: write it like 60/minute or 10 per second"
+        )
+    return value.strip()
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from environment variables; raise ConfigError naming every bad one."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+
+    def get(name: str) -> str:
+        return env.get(name, "").strip()
+
+    def required(name: str, hint: str) -> str:
+        value = get(name)
+        if not value:
+            problems.append(f"{name} is not set: {hint}")
+        return value
+
+    client_id = required(
+        "SPOTIFY_CLIENT_ID", "copy it from your app in the Spotify developer dashboard"
+    )
+    client_secret = required(
+        "SPOTIFY_CLIENT_SECRET", "copy it from your app in the Spotify developer dashboard"
+    )
+
+    callback_urls = _split(
+        required(
+            "SPOTIFY_CLIENT_CALLBACK_URL",
+            "set it to the redirect URI your app registered with Spotify, e.g. myapp://callback",
+        )
+    )
+    for url in callback_urls:
+        if ":" not in url:
+            problems.append(
+                f"SPOTIFY_CLIENT_CALLBACK_URL entry {url!r} is not a URI: it needs a scheme, e.g. myapp://callback"
+            )
+
+    encryption_secrets = _split(required("ENCRYPTION_SECRET", GEN_SECRET_HINT))
+    for position, secret in enumerate(encryption_secrets, 1):
+        if len(secret) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"ENCRYPTION_SECRET entry {position} is {len(secret)} characters; "
+                f"it must be at least {MIN_SECRET_LENGTH}: {GEN_SECRET_HINT}"
+            )
+    if len(set(encryption_secrets)) != len(encryption_secrets):
+        problems.append("ENCRYPTION_SECRET lists the same secret twice: remove the duplicate")
+
+    # The legacy secret is whatever the old service used; it is not ours to strengthen.
+    legacy_secret = env.get("LEGACY_ENCRYPTION_SECRET") or None
+
+    accounts_url = get("SPOTIFY_ACCOUNTS_URL") or Config.accounts_url
+    if not _is_http_url(accounts_url):
+        problems.append(
+            f"SPOTIFY_ACCOUNTS_URL={accounts_url!r} is not an http(s) URL: leave it unset for Spotify"
+        )
+    accounts_url = accounts_url.rstrip("/")
+
+    timeout = Config.timeout
+    if get("SPOTIFY_TIMEOUT"):
+        try:
+            timeout = float(get("SPOTIFY_TIMEOUT"))
+            if not 0 < timeout <= 300:
+                raise ValueError
+        except ValueError:
+            problems.append(
+                f"SPOTIFY_TIMEOUT={get('SPOTIFY_TIMEOUT')!r} must be a number of seconds between 0 and 300"
+            )
+
+    cors_origins = _split(get("CORS_ORIGINS"))
+    for origin in cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            problems.append(
+                f"CORS_ORIGINS entry {origin!r} is not an origin: write it like https://example.com (no path), or *"
+            )
+
+    trusted_proxies = 0
+    if get("TRUSTED_PROXIES"):
+        try:
+            trusted_proxies = int(get("TRUSTED_PROXIES"))
+            if trusted_proxies < 0:
+                raise ValueError
+        except ValueError:
+            problems.append(
+                f"TRUSTED_PROXIES={get('TRUSTED_PROXIES')!r} must be a whole number of proxies (0 or more)"
+            )
+
+    raw_failures = env.get("RATE_LIMIT_FAILURES")
+    rate_limit_failures = (
+        Config.rate_limit_failures
+        if raw_failures is None
+        else _check_rate("RATE_LIMIT_FAILURES", raw_failures, problems)
+    )
+    spotify_max_rate = _check_rate("SPOTIFY_MAX_RATE", get("SPOTIFY_MAX_RATE"), problems)
+
+    storage_uri = get("RATE_LIMIT_STORAGE_URI") or Config.rate_limit_storage_uri
+    if not re.match(r"^(memory|redis|rediss|redis\+unix|redis\+sentinel|redis\+cluster|memcached)://", storage_uri):
+        problems.append(
+            f"RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// (got a value with another scheme)"
+        )
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        client_id=client_id,
+        client_secret=client_secret,
+        callback_urls=callback_urls,
+        encryption_secrets=encryption_secrets,
+        legacy_secret=legacy_secret,
+        accounts_url=accounts_url,
+        timeout=timeout,
+        cors_origins=cors_origins,
+        trusted_proxies=trusted_proxies,
+        rate_limit_failures=rate_limit_failures,
+        spotify_max_rate=spotify_max_rate,
+        rate_limit_storage_uri=storage_uri,
+    )

@@ -1,0 +1,124 @@
+"""A thin client of Spotify's accounts service (POST /api/token), and the OAuth error type."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+
+class OAuthError(Exception):
+    """An OAuth 2 error answer (RFC 6749 section 5.2): HTTP status, JSON body, extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str = "server_error",
+        description: str | None = None,
+        *,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
+        self.status = status
+        if body is None:
+            body = {"error": error}
+            if description:
+                body["error_description"] = description
+        self.body = dict(body)
+        self.headers = dict(headers or {})
+        super().__init__(f"{status} {self.body.get('error')}")
+
+
+class AccountsClient:
+    """Exchanges authorization codes and refresh tokens at Spotify's token endpoint."""
+
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str,
+        accounts_url: str = "https://accounts.spotify.com",
+        timeout: float = 10.0,
+        pool_size: int = 10,
+    ):
+        self.token_url = accounts_url.rstrip("/") + "/api/token"
+        self.timeout = timeout
+        session = requests.Session()
+        # One pool per worker, as large as the worker's concurrency: every waiting request keeps
+        # its keep-alive connection instead of paying a new TCP and TLS handshake. No retries:
+        # an authorization code is single-use, so a swap must never be sent twice.
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        session.auth = (client_id, client_secret)
+        session.headers["Accept"] = "application/json"
+        # Resolve REQUESTS_CA_BUNDLE, HTTPS_PROXY, NO_PROXY and friends once, not on every call.
+        settings = session.merge_environment_settings(self.token_url, {}, None, None, None)
+        session.proxies = settings["proxies"]
+        session.verify = settings["verify"]
+        session.trust_env = False
+        self._session = session
+
+    def exchange_code(
+        self, code: str, redirect_uri: str, code_verifier: str | None = None
+    ) -> dict[str, Any]:
+        """Trade an authorization code for tokens (grant_type=authorization_code)."""
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
+        if code_verifier is not None:
+            form["code_verifier"] = code_verifier
+        return self._post(form)
+
+    def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """Trade a (raw) Spotify refresh token for a new access token (grant_type=refresh_token)."""
+        return self._post({"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._session.close()
+
+    def _post(self, form: dict[str, str]) -> dict[str, Any]:
+        try:
+            response = self._session.post(
+                self.token_url, data=form, timeout=self.timeout, allow_redirects=False
+            )
+        except requests.Timeout:
+            raise OAuthError(504, "temporarily_unavailable", "Spotify did not answer in time") from None
+        except requests.ConnectionError:
+            raise OAuthError(503, "temporarily_unavailable", "Could not reach Spotify") from None
+        except requests.RequestException:
+            raise OAuthError(502, "server_error", "Spotify's answer could not be read") from None
+        return _read_answer(response)
+
+
+def _read_answer(response: requests.Response) -> dict[str, Any]:
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = None
+
+    if status == 200:
+        if body is None or not isinstance(body.get("access_token"), str) or not body["access_token"]:
+            raise OAuthError(502, "server_error", "Spotify's answer had no access token")
+        expires_in = body.get("expires_in")
+        if isinstance(expires_in, (str, float)):
+            try:
+                body["expires_in"] = int(float(expires_in))
+            except ValueError:
+                pass
+        return body
+    if status == 429:
+        headers = {}
+        if response.headers.get("Retry-After", "").strip().isdigit():
+            headers["Retry-After"] = response.headers["Retry-After"].strip()
+        if body is not None and isinstance(body.get("error"), str):
+            raise OAuthError(429, body=body, headers=headers)
+        raise OAuthError(
+            429, "temporarily_unavailable", "Spotify is rate limiting this app", headers=headers
+        )
+    if 400 <= status < 500 and body is not None and isinstance(body.get("error"), str):
+        raise OAuthError(status, body=body)
+    raise OAuthError(502, "server_error", f"Spotify answered with HTTP {status}")

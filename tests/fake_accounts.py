@@ -1,0 +1,287 @@
+"""A stand-in for Spotify's accounts service: a real HTTP/1.1 server on 127.0.0.1 for end-to-end tests and benchmarks.
+
+It answers POST /api/token like Spotify does, and misbehaves on request. A fault is chosen per
+request by the authorization code or refresh token it receives (so concurrent tests do not
+interfere), or for every request by `fault`:
+
+    fault-500       500 with an HTML body          fault-html      200 with an HTML body
+    fault-429       429 with Retry-After: 7        fault-noaccess  200 JSON without access_token
+    fault-reset     connection reset, no answer    fault-timeout   no answer for 60 seconds
+    fault-slow      answer after 1 second          invalid-...     400 {"error": "invalid_grant"}
+    rotate-...      (refresh) answer carries a new refresh token "rotated-..."
+
+Settings: `latency` (seconds before every answer), `connect_delay` (extra seconds before the first
+answer on each new connection: a stand-in for TCP and TLS handshakes), `fault`, and TLS with a
+certificate made at start. Control: GET /_stats, GET /_requests (what was received, decoded),
+POST /_reset. Run it alone with `python tests/fake_accounts.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from urllib.parse import parse_qsl
+
+CLIENT_ID = "test-client-id"
+CLIENT_SECRET = "test-client-secret"
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
+
+
+def make_certificate(directory: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and localhost; returns (cert path, key path)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+class FakeAccounts:
+    """The fake accounts service; start() runs it on its own thread and event loop."""
+
+    def __init__(self, *, latency: float = 0.0, connect_delay: float = 0.0, fault: str | None = None,
+                 tls: bool = False, host: str = "127.0.0.1", port: int = 0, record: bool = True):
+        self.latency = latency
+        self.connect_delay = connect_delay
+        self.fault = fault
+        self.host = host
+        self.port = port
+        self.record = record
+        self.requests: list[dict] = []
+        self.connections = 0
+        self.served = 0
+        self.cert_file = None
+        self._ssl = None
+        if tls:
+            self._tmp = tempfile.TemporaryDirectory()
+            self.cert_file, key = make_certificate(self._tmp.name)
+            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ssl.load_cert_chain(self.cert_file, key)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self._ssl else 'http'}://{self.host}:{self.port}"
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.connections = 0
+        self.served = 0
+
+    # -- running -------------------------------------------------------------------------------
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), self.host, self.port, ssl=self._ssl, backlog=4096,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def start(self) -> "FakeAccounts":
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self.serve())
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-accounts", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake accounts service did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        def shutdown() -> None:
+            self._server.close()
+            self._loop.stop()
+
+        self._loop.call_soon_threadsafe(shutdown)
+        if self._thread:
+            self._thread.join(5)
+
+    def __enter__(self) -> "FakeAccounts":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- answering -----------------------------------------------------------------------------
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes):
+        """(status, headers, body bytes) or a fault name for the connection to act on."""
+        if path == "/_stats":
+            return 200, {}, json.dumps({"connections": self.connections, "requests": self.served}).encode()
+        if path == "/_requests":
+            return 200, {}, json.dumps(self.requests).encode()
+        if path == "/_reset" and method == "POST":
+            self.reset()
+            return 200, {}, b"{}"
+        if path != "/api/token" or method != "POST":
+            return 404, {}, json.dumps({"error": "not_found"}).encode()
+
+        form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        self.served += 1
+        if self.record:
+            self.requests.append({"headers": headers, "form": form, "content_type": headers.get("content-type", "")})
+
+        expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+        if headers.get("authorization") != expected:
+            return 401, {}, json.dumps({"error": "invalid_client", "error_description": "Invalid client"}).encode()
+
+        grant = form.get("grant_type")
+        subject = form.get("code") if grant == "authorization_code" else form.get("refresh_token")
+        if grant not in ("authorization_code", "refresh_token") or not subject:
+            return 400, {}, json.dumps({"error": "invalid_request"}).encode()
+        fault = self.fault or (subject if subject.startswith("fault-") else None)
+        if fault:
+            return fault
+        if subject.startswith("invalid"):
+            description = "Invalid authorization code" if grant == "authorization_code" else "Invalid refresh token"
+            return 400, {}, json.dumps({"error": "invalid_grant", "error_description": description}).encode()
+
+        tokens = {"access_token": f"access-{self.served}", "token_type": "Bearer", "expires_in": 3600,
+                  "scope": "user-read-private"}
+        if grant == "authorization_code":
+            tokens["refresh_token"] = f"AQ-refresh-for-{subject}"
+        elif subject.startswith("rotate-"):
+            tokens["refresh_token"] = "rotated-" + subject[len("rotate-"):]
+        return 200, {}, json.dumps(tokens).encode()
+
+
+_FAULT_ANSWERS = {
+    "fault-500": (500, {"Content-Type": "text/html"}, b"<html><body>Internal error</body></html>"),
+    "fault-429": (429, {"Retry-After": "7"}, b""),
+    "fault-html": (200, {"Content-Type": "text/html"}, b"<html>hello</html>"),
+    "fault-noaccess": (200, {}, b'{"token_type": "Bearer", "expires_in": 3600}'),
+}
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, fake: FakeAccounts):
+        self.fake = fake
+        self.buffer = b""
+        self.first = True
+        self.transport = None
+        self.queue: asyncio.Queue | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.fake.connections += 1
+        self.queue = asyncio.Queue()
+        self.worker = asyncio.ensure_future(self._answer_in_order())
+
+    def connection_lost(self, exc) -> None:
+        self.worker.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end].decode("latin-1").split("\r\n")
+            method, path, _ = head[0].split(" ", 2)
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "0"))
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = self.buffer[end + 4:end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length:]
+            self.queue.put_nowait((method, path, headers, body))
+
+    async def _answer_in_order(self) -> None:
+        while True:
+            method, path, headers, body = await self.queue.get()
+            control = path.startswith("/_")
+            delay = 0.0 if control else self.fake.latency
+            if self.first and not control:
+                delay += self.fake.connect_delay
+            self.first = False
+            if delay:
+                await asyncio.sleep(delay)
+            answer = self.fake.answer(method, path, headers, body)
+            if isinstance(answer, str):
+                if answer == "fault-reset":
+                    self._reset()
+                    return
+                if answer == "fault-timeout":
+                    await asyncio.sleep(60)
+                    self.transport.close()
+                    return
+                if answer == "fault-slow":
+                    await asyncio.sleep(1.0)
+                    answer = self.fake.answer(method, path, headers, body.replace(b"fault-slow", b"slow"))
+                else:
+                    answer = _FAULT_ANSWERS[answer]
+            status, extra, payload = answer
+            head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
+                    f"Content-Length: {len(payload)}"]
+            if "Content-Type" not in extra:
+                head.append("Content-Type: application/json")
+            head += [f"{k}: {v}" for k, v in extra.items()]
+            self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+
+    def _reset(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer")
+    parser.add_argument("--connect-delay", type=float, default=0.0, help="extra seconds on each new connection")
+    parser.add_argument("--tls", action="store_true", help="serve HTTPS with a fresh self-signed certificate")
+    parser.add_argument("--fault", default=None)
+    parser.add_argument("--ready-file", help="write {url, cert} here once listening")
+    args = parser.parse_args()
+    fake = FakeAccounts(latency=args.latency, connect_delay=args.connect_delay, fault=args.fault,
+                        tls=args.tls, port=args.port, record=False)
+
+    async def run() -> None:
+        await fake.serve()
+        info = json.dumps({"url": fake.url, "cert": fake.cert_file, "pid": os.getpid()})
+        if args.ready_file:
+            with open(args.ready_file + ".tmp", "w") as out:
+                out.write(info)
+            os.replace(args.ready_file + ".tmp", args.ready_file)
+        print(info, flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
