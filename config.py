@@ -174,10 +174,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
                 f"TRUSTED_PROXIES={get('TRUSTED_PROXIES')!r} must be a whole number of proxies (0 or more)"
             )
 
-    raw_failures = env.get("RATE_LIMIT_FAILURES")
+    # Blank means unset, as for every other variable: only an explicit 0 or off turns the limit off.
+    raw_failures = get("RATE_LIMIT_FAILURES")
     rate_limit_failures = (
         Config.rate_limit_failures
-        if raw_failures is None
+        if not raw_failures
         else _check_rate("RATE_LIMIT_FAILURES", raw_failures, problems)
     )
     spotify_max_rate = _check_rate("SPOTIFY_MAX_RATE", get("SPOTIFY_MAX_RATE"), problems)

@@ -37,6 +37,8 @@ TAG_SIZE = 16
 HEADER_SIZE = 1 + KEY_ID_SIZE
 MIN_TOKEN_SIZE = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
 MAX_TOKEN_CHARS = 8192
+# A legacy token holds at most 2048 plaintext characters: ~2800 Base64 characters with line breaks.
+MAX_LEGACY_CHARS = 4096
 
 _SALT = b"spotify-token-swap"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
@@ -98,6 +100,8 @@ class LegacyCipher:
 
     def decrypt(self, token: str) -> str:
         """The plaintext of a legacy token, tolerating the damage seen in the field."""
+        if len(token) > MAX_LEGACY_CHARS:
+            raise InvalidToken
         cleaned = (
             token.replace("\\n", "").replace("\r", "").replace("\n", "").replace(" ", "+")
         )
