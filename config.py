@@ -186,7 +186,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     storage_uri = get("RATE_LIMIT_STORAGE_URI") or Config.rate_limit_storage_uri
     if not re.match(r"^(memory|redis|rediss|redis\+unix|redis\+sentinel|redis\+cluster)://", storage_uri):
         problems.append(
-            f"RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// (got a value with another scheme)"
+            "RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// (got a value with another scheme)"
         )
 
     if problems:

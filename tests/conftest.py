@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from app import create_app
@@ -53,3 +56,12 @@ def fake_accounts():
 def server_env(spotify_url: str, **overrides: str) -> dict[str, str]:
     """Environment for a real server process pointed at a fake accounts service."""
     return {**BASE_CONFIG, "SPOTIFY_ACCOUNTS_URL": spotify_url, "SPOTIFY_TIMEOUT": "2", **overrides}
+
+
+def legacy_vectors() -> list[dict[str, str]]:
+    """Tokens made by the legacy Ruby services' own cipher code (the encrypted_strings gem), with secrets and plaintexts.
+
+    A copy of the team's shared/legacy_token_vectors.json, kept in the repo so a clean clone tests it.
+    """
+    path = Path(__file__).parent / "data" / "legacy_token_vectors.json"
+    return json.loads(path.read_text())["vectors"]

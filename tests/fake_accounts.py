@@ -8,6 +8,7 @@ interfere), or for every request by `fault`:
     fault-429       429 with Retry-After: 7        fault-noaccess  200 JSON without access_token
     fault-reset     connection reset, no answer    fault-timeout   no answer for 60 seconds
     fault-slow      answer after 1 second          invalid-...     400 {"error": "invalid_grant"}
+    fault-slow-N    answer after N seconds (e.g. fault-slow-3, fault-slow-0.5)
     rotate-...      (refresh) answer carries a new refresh token "rotated-..."
 
 Settings: `latency` (seconds before every answer), `connect_delay` (extra seconds before the first
@@ -29,7 +30,6 @@ import struct
 import subprocess
 import tempfile
 import threading
-import time
 from urllib.parse import parse_qsl
 
 CLIENT_ID = "test-client-id"
@@ -73,6 +73,7 @@ class FakeAccounts:
             self._ssl.load_cert_chain(self.cert_file, key)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
+        self._open: set[_Connection] = set()
         self._thread: threading.Thread | None = None
 
     @property
@@ -110,14 +111,19 @@ class FakeAccounts:
         return self
 
     def stop(self) -> None:
-        if self._loop is None:
+        if self._loop is None or self._loop.is_closed():
             return
 
-        def shutdown() -> None:
+        async def shutdown() -> None:
+            # Close what the server under test still holds open (keep-alive, a fault-timeout in
+            # progress) so no transport is left to the garbage collector's ResourceWarning.
             self._server.close()
+            for connection in list(self._open):
+                connection.close()
+            await asyncio.sleep(0)
             self._loop.stop()
 
-        self._loop.call_soon_threadsafe(shutdown)
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         if self._thread:
             self._thread.join(5)
 
@@ -128,8 +134,12 @@ class FakeAccounts:
         self.stop()
 
     # -- answering -----------------------------------------------------------------------------
-    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes):
-        """(status, headers, body bytes) or a fault name for the connection to act on."""
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes, *, faults: bool = True):
+        """(status, headers, body bytes) or a fault name for the connection to act on.
+
+        faults=False answers as if no fault had been asked for, without counting or recording the
+        request again: the second half of a fault-slow.
+        """
         if path == "/_stats":
             return 200, {}, json.dumps({"connections": self.connections, "requests": self.served}).encode()
         if path == "/_requests":
@@ -141,8 +151,9 @@ class FakeAccounts:
             return 404, {}, json.dumps({"error": "not_found"}).encode()
 
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        self.served += 1
-        if self.record:
+        if faults:
+            self.served += 1
+        if self.record and faults:
             self.requests.append({"headers": headers, "form": form, "content_type": headers.get("content-type", "")})
 
         expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
@@ -154,7 +165,7 @@ class FakeAccounts:
         if grant not in ("authorization_code", "refresh_token") or not subject:
             return 400, {}, json.dumps({"error": "invalid_request"}).encode()
         fault = self.fault or (subject if subject.startswith("fault-") else None)
-        if fault:
+        if fault and faults:
             return fault
         if subject.startswith("invalid"):
             description = "Invalid authorization code" if grant == "authorization_code" else "Invalid refresh token"
@@ -188,11 +199,17 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.fake.connections += 1
+        self.fake._open.add(self)
         self.queue = asyncio.Queue()
         self.worker = asyncio.ensure_future(self._answer_in_order())
 
     def connection_lost(self, exc) -> None:
+        self.fake._open.discard(self)
         self.worker.cancel()
+
+    def close(self) -> None:
+        self.worker.cancel()
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -232,9 +249,9 @@ class _Connection(asyncio.Protocol):
                     await asyncio.sleep(60)
                     self.transport.close()
                     return
-                if answer == "fault-slow":
-                    await asyncio.sleep(1.0)
-                    answer = self.fake.answer(method, path, headers, body.replace(b"fault-slow", b"slow"))
+                if answer.startswith("fault-slow"):
+                    await asyncio.sleep(_slow_seconds(answer))
+                    answer = self.fake.answer(method, path, headers, body, faults=False)
                 else:
                     answer = _FAULT_ANSWERS[answer]
             status, extra, payload = answer
@@ -253,6 +270,12 @@ class _Connection(asyncio.Protocol):
             except OSError:
                 pass
         self.transport.abort()
+
+
+def _slow_seconds(fault: str) -> float:
+    """fault-slow waits 1 second, fault-slow-N waits N."""
+    _, _, seconds = fault.partition("fault-slow-")
+    return float(seconds) if seconds else 1.0
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -14,6 +15,28 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# One request in gunicorn.conf.py's access_log_format: client "METHOD PATH" status bytes duration.
+ACCESS_LINE = re.compile(
+    r'(?P<client>\S+) "(?P<method>[A-Z]+) (?P<path>\S*)" (?P<status>\d{3}) (?P<bytes>\S+) (?P<ms>\d+)ms'
+)
+
+
+# A requests Response keeps its socket open as long as it lives, and an idle keep-alive connection
+# holds a gevent worker at SIGTERM for the whole graceful_timeout (30 s). Tests that stop a server
+# while their responses are still around send this, so the server closes each connection itself.
+CLOSE = {"Connection": "close"}
+
+
+def json_answer(response: requests.Response, status: int | set[int] = 200) -> dict:
+    """The JSON body, after checking the status and the exact media type every answer must carry."""
+    statuses = {status} if isinstance(status, int) else status
+    if response.status_code not in statuses:
+        raise AssertionError(f"expected HTTP {sorted(statuses)}, got {response.status_code}: {response.text}")
+    content_type = response.headers.get("Content-Type")
+    if content_type != "application/json":
+        raise AssertionError(f"Content-Type is {content_type!r}, not exactly 'application/json'")
+    return response.json()
 
 
 def free_port() -> int:
@@ -48,14 +71,17 @@ class Server:
             **env,
         }
         self._log = tempfile.NamedTemporaryFile(prefix="tokenswap-", suffix=".log", delete=False)
+        self._log.close()  # only its name is kept: each start appends to it through its own handle
         self.process: subprocess.Popen | None = None
 
     def start(self, *, wait: bool = True, timeout: float = 20) -> "Server":
-        self.process = subprocess.Popen(
-            ["bash", "-c", "exec " + web_command()],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self._started_at = len(self.output())
+        with open(self._log.name, "ab") as log:
+            self.process = subprocess.Popen(
+                ["bash", "-c", "exec " + web_command()],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         if wait:
             self.wait_ready(timeout)
         return self
@@ -65,6 +91,11 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            # free_port() is only a guess: until gunicorn says it listens, a 200 may come from
+            # another process that took the port in the meantime.
+            if "Listening at: " not in self.output()[self._started_at:]:
+                time.sleep(0.05)
+                continue
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -75,6 +106,20 @@ class Server:
 
     def output(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
+
+    def access_log(self, since: int = 0) -> list[dict[str, str]]:
+        """The request log lines written after character `since` of output(), parsed."""
+        lines = self.output()[since:].splitlines()
+        return [m.groupdict() for m in map(ACCESS_LINE.fullmatch, lines) if m]
+
+    def wait_for_access_log(self, count: int, since: int = 0, timeout: float = 10) -> list[dict[str, str]]:
+        """At least `count` request log lines after `since`; gunicorn writes each after its answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.access_log(since)
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
 
     def pids(self) -> list[int]:
         """The gunicorn master and its workers."""

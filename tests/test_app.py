@@ -20,11 +20,11 @@ from responses import matchers
 
 from app import REFRESH_PATHS, SWAP_PATHS, create_app
 from crypto import LegacyCipher, Opened, TokenSealer
-from tests.conftest import SECRET, TOKEN_URL
+from tests.conftest import SECRET, TOKEN_URL, legacy_vectors
 from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
-LEGACY_VECTORS = json.loads(Path("/work/shared/legacy_token_vectors.json").read_text())["vectors"]
+LEGACY_VECTORS = legacy_vectors()
 
 CALLBACK = "myapp://callback"  # the first configured callback: the default
 OTHER_CALLBACK = "https://example.com/callback"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import json
 import re
-from pathlib import Path
 
 import pytest
 from Crypto.Cipher import AES
@@ -13,13 +11,14 @@ from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 
 from crypto import InvalidToken, LegacyCipher, Opened, TokenSealer, key_id
+from tests.conftest import legacy_vectors
 
 SECRET_A = "secret-a-0123456789abcdefghijklmnop"
 SECRET_B = "secret-b-0123456789abcdefghijklmnop"
 CLIENT_ID = "crypto-test-client-id"
 # 37 bytes: the decoded token is 70 bytes, so the last base64 character carries 4 unused bits.
 REFRESH = "AQB1x-sample-refresh-token_0123456789"
-LEGACY_VECTORS = json.loads(Path("/work/shared/legacy_token_vectors.json").read_text())["vectors"]
+LEGACY_VECTORS = legacy_vectors()
 TOKEN_ALPHABET = re.compile(r"[A-Za-z0-9_-]+")
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
