@@ -16,7 +16,7 @@ from flask import Flask, Response, current_app, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
-from config import GEN_SECRET_HINT, VARIABLES, Config, ConfigError, generate_secret, load_config
+from config import VARIABLES, Config, ConfigError, generate_secret, load_config
 from crypto import InvalidToken, TokenSealer
 from spotify import AccountsClient, OAuthError
 
@@ -50,6 +50,8 @@ def json_response(
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the service from environment variables, overridden by test_config when given."""
     app = TokenSwap(__name__)
+    # Werkzeug would answer /api//token with a 308 redirect and an HTML body; a 404 JSON is clearer.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     overrides = dict(test_config or {})
     environ = {name: overrides.pop(name) for name in list(overrides) if name in VARIABLES}
@@ -100,7 +102,8 @@ class Service:
             config.timeout,
             pool_size=UPSTREAM_POOL_SIZE,
         )
-        self.upstream_budget = None  # set by _install_middleware when SPOTIFY_MAX_RATE is set
+        # Checks to run before each call to Spotify; set by _install_limits when limits are on.
+        self.upstream_budget = None
 
 
 def _service() -> Service:
@@ -109,7 +112,10 @@ def _service() -> Service:
 
 def _body() -> Mapping[str, Any]:
     if request.is_json:
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:  # nested deeper than the parser goes: unparseable, like any bad JSON
+            data = None
         if not isinstance(data, dict):
             raise OAuthError(400, "invalid_request", "The body is not a JSON object")
         return data
@@ -280,21 +286,35 @@ def _retry_after(reset_at: float) -> str:
     return str(max(1, math.ceil(reset_at - time.time())))
 
 
+def _rate_limited(reset_at: float) -> OAuthError:
+    retry_after = _retry_after(reset_at)
+    return OAuthError(
+        429,
+        "rate_limited",
+        f"Too many failed requests from this address; retry after {retry_after} seconds",
+        headers={"Retry-After": retry_after},
+    )
+
+
+def _storage_options(uri: str) -> dict[str, float]:
+    # redis-py waits forever by default: a Redis that stops answering would hang every request.
+    if uri.startswith(("redis://", "rediss://", "redis+unix://")):
+        return {"socket_connect_timeout": 1, "socket_timeout": 1}
+    return {}
+
+
 def _install_limits(app: Flask, config: Config) -> None:
+    import threading
+    from collections import Counter
+
+    from flask import g
     from flask_limiter import Limiter, RequestLimit
     from flask_limiter.util import get_remote_address
-    from limits import parse
+    from limits import parse_many
 
     def rate_limited(limit: RequestLimit) -> Response:
-        retry_after = _retry_after(limit.reset_at)
-        return json_response(
-            {
-                "error": "rate_limited",
-                "error_description": f"Too many failed requests from this address; retry after {retry_after} seconds",
-            },
-            429,
-            {"Retry-After": retry_after},
-        )
+        err = _rate_limited(limit.reset_at)
+        return json_response(err.body, err.status, err.headers)
 
     limiter = Limiter(
         get_remote_address,
@@ -306,23 +326,76 @@ def _install_limits(app: Flask, config: Config) -> None:
         # Requests that match no route (404, 405) are failures too, so give them an identity.
         request_identifier=lambda: request.endpoint or "unrouted",
         storage_uri=config.rate_limit_storage_uri,
+        storage_options=_storage_options(config.rate_limit_storage_uri),
         strategy="sliding-window-counter",
         key_prefix="tokenswap",
         on_breach=rate_limited,
         headers_enabled=False,
+        # A Redis outage must not take the service down: limits fall back to this worker's
+        # memory, and an error while counting is logged rather than turned into a 500.
+        in_memory_fallback_enabled=True,
+        swallow_errors=True,
     )
 
-    if config.spotify_max_rate:
-        budget = parse(config.spotify_max_rate)
+    # Calls to Spotify in progress in this worker, by client address.
+    in_progress: Counter[str] = Counter()
+    lock = threading.Lock()
 
-        def spend() -> None:
-            if not limiter.limiter.hit(budget, "spotify-upstream"):
-                reset_at = limiter.limiter.get_window_stats(budget, "spotify-upstream").reset_time
-                raise OAuthError(
-                    503,
-                    "temporarily_unavailable",
-                    "This service is at its ceiling of calls to Spotify; retry shortly",
-                    headers={"Retry-After": _retry_after(reset_at)},
-                )
+    def admit() -> None:
+        # flask-limiter counts a failure once its answer is known, so a burst of concurrent junk
+        # codes would all reach Spotify before the first one counted. An address that has spent
+        # half its failure budget may have only as many calls in progress as it has failures left.
+        # Below that it is not held back: thousands of real users can share one address.
+        address = get_remote_address()
+        budgets = []
+        for limit in limiter.current_limits:
+            amount = limit.limit.amount
+            try:
+                budgets.append((amount, amount - limit.remaining, limit.reset_at))
+            except Exception:  # storage unreachable: fail open, as flask-limiter does
+                app.logger.exception("Rate limit storage unreachable")
+        with lock:
+            for amount, failures, reset_at in budgets:
+                if 2 * failures >= amount and failures + in_progress[address] >= amount:
+                    raise _rate_limited(reset_at)
+            in_progress[address] += 1
+        g.tokenswap_upstream_address = address
 
-        app.extensions["tokenswap"].upstream_budget = spend
+    @app.teardown_request
+    def release(_: BaseException | None) -> None:
+        address = g.pop("tokenswap_upstream_address", None)
+        if address is not None:
+            with lock:
+                in_progress[address] -= 1
+                if in_progress[address] <= 0:
+                    del in_progress[address]
+
+    ceilings = parse_many(config.spotify_max_rate) if config.spotify_max_rate else []
+
+    def spend() -> None:
+        # Test every ceiling before spending any, so a refused call spends none of them.
+        upstream = limiter.limiter
+        try:
+            full = [c for c in ceilings if not upstream.test(c, "spotify-upstream")]
+            if not full:
+                full = [c for c in ceilings if not upstream.hit(c, "spotify-upstream")]
+            if not full:
+                return
+            reset_at = max(upstream.get_window_stats(c, "spotify-upstream").reset_time for c in full)
+        except Exception:  # storage unreachable: fail open
+            app.logger.exception("Rate limit storage unreachable")
+            return
+        raise OAuthError(
+            503,
+            "temporarily_unavailable",
+            "This service is at its ceiling of calls to Spotify; retry shortly",
+            headers={"Retry-After": _retry_after(reset_at)},
+        )
+
+    def before_upstream() -> None:
+        if config.rate_limit_failures:
+            admit()
+        if ceilings:
+            spend()
+
+    app.extensions["tokenswap"].upstream_budget = before_upstream
