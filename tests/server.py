@@ -140,7 +140,11 @@ class Server:
             return self.process.wait()
 
     def __enter__(self) -> "Server":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop(signal.SIGKILL)  # __exit__ will not run: do not leave gunicorn behind
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()
