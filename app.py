@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
-from flask import Flask, Response, current_app, request
+from flask import Flask, Request, Response, current_app, request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import VARIABLES, Config, ConfigError, generate_secret, load_config
 from crypto import InvalidToken, TokenSealer
+from ratelimit import Limits, Refused
 from spotify import AccountsClient, OAuthError
 
 MAX_BODY_BYTES = 64 * 1024
@@ -26,6 +25,8 @@ UPSTREAM_POOL_SIZE = 1000
 SWAP_PATHS = ("/swap", "/api/token")
 REFRESH_PATHS = ("/refresh", "/api/refresh_token")
 CORS_MAX_AGE = 86400
+# Where a request keeps the client address it was admitted under to call Spotify.
+_ADMITTED = "tokenswap.admitted"
 
 # RFC 6749 section 5.1: token answers must not be cached.
 _NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
@@ -102,15 +103,48 @@ class Service:
             config.timeout,
             pool_size=UPSTREAM_POOL_SIZE,
         )
-        # Checks to run before each call to Spotify; set by _install_limits when limits are on.
-        self.upstream_budget = None
+        # Failure budgets and the ceiling on calls to Spotify; set by _install_limits when on.
+        self.limits: Limits | None = None
+
+    def call_spotify(self, call: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        """Make one call to Spotify, within this deployment's limits."""
+        if self.limits is None:
+            return call(*args)
+        address = request.remote_addr or ""
+        self.limits.admit(address, wait=self.config.timeout)
+        # Released at teardown, once the answer has been counted as a failure or not.
+        request.environ[_ADMITTED] = address
+        return call(*args)
 
 
 def _service() -> Service:
     return current_app.extensions["tokenswap"]
 
 
+def _read_body() -> bytes:
+    """The whole body, or a client error: too large, shorter than announced, or unreadable."""
+    try:
+        data = request.get_data()
+        # Without a Content-Length (chunked), reading stops at the limit: is there more?
+        if (
+            request.content_length is None
+            and len(data) >= MAX_BODY_BYTES
+            and request.environ["wsgi.input"].read(1)
+        ):
+            raise RequestEntityTooLarge()
+    except HTTPException:
+        raise
+    except Exception:  # the server's reader refused the body, e.g. a malformed chunk
+        raise OAuthError(400, "invalid_request", "The body could not be read") from None
+    if request.content_length is not None and len(data) < request.content_length:
+        # The client went away mid-body: what arrived may be cut anywhere, even inside the code.
+        raise OAuthError(400, "invalid_request", "The body is shorter than its Content-Length")
+    return data
+
+
 def _body() -> Mapping[str, Any]:
+    # Read whole first; form parsing would silently stop at the limit or at a broken chunk.
+    _read_body()
     if request.is_json:
         try:
             data = request.get_json(silent=True)
@@ -146,11 +180,6 @@ def _opaque(data: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _spend_upstream_budget(service: Service) -> None:
-    if service.upstream_budget is not None:
-        service.upstream_budget()
-
-
 def _register_routes(app: Flask) -> None:
     def swap() -> Response:
         service = _service()
@@ -165,8 +194,7 @@ def _register_routes(app: Flask) -> None:
             raise OAuthError(
                 400, "invalid_request", "'code_verifier' must be 43-128 characters (RFC 7636)"
             )
-        _spend_upstream_budget(service)
-        tokens = service.spotify.exchange_code(code, redirect_uri, verifier)
+        tokens = service.call_spotify(service.spotify.exchange_code, code, redirect_uri, verifier)
         new = tokens.pop("refresh_token", None)
         if isinstance(new, str) and new:
             tokens["refresh_token"] = service.sealer.seal(new)
@@ -179,8 +207,7 @@ def _register_routes(app: Flask) -> None:
             opened = service.sealer.open(token)
         except InvalidToken:
             raise OAuthError(400, "invalid_grant", "Invalid refresh token") from None
-        _spend_upstream_budget(service)
-        tokens = service.spotify.refresh(opened.refresh_token)
+        tokens = service.call_spotify(service.spotify.refresh, opened.refresh_token)
         new = tokens.pop("refresh_token", None)
         if isinstance(new, str) and new:
             tokens["refresh_token"] = service.sealer.seal(new)
@@ -204,10 +231,25 @@ def _register_errors(app: Flask) -> None:
     def oauth_error(err: OAuthError) -> Response:
         return json_response(err.body, err.status, err.headers)
 
+    @app.errorhandler(Refused)
+    def refused(err: Refused) -> Response:
+        headers = {"Retry-After": str(err.retry_after)}
+        if err.reason == Refused.FAILURES:
+            description = (
+                "Too many failed requests from this address; "
+                f"retry after {err.retry_after} seconds"
+            )
+            return json_response({"error": "rate_limited", "error_description": description}, 429, headers)
+        if err.reason == Refused.CEILING:
+            description = "This service is at its ceiling of calls to Spotify; retry shortly"
+        else:
+            description = "Too many calls to Spotify in progress for this address; retry shortly"
+        return json_response(
+            {"error": "temporarily_unavailable", "error_description": description}, 503, headers
+        )
+
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> Response:
-        if err.response is not None:  # already rendered, e.g. the rate limiter's 429
-            return err.response
         error = "invalid_request" if err.code in (400, 413) else _snake(err.name)
         description = _DESCRIPTIONS.get(err.code, err.name)
         response = json_response({"error": error, "error_description": description}, err.code or 500)
@@ -254,148 +296,67 @@ def _install_middleware(app: Flask, config: Config) -> None:
     if config.cors_origins:
         from flask_cors import CORS
 
-        paths = "|".join(re.escape(p) for p in SWAP_PATHS + REFRESH_PATHS)
+        # Every path, so that a browser can read every answer, a 404 or 405 included. Browsers
+        # cannot read Retry-After (on 429 and 503) unless it is exposed.
         CORS(
             app,
-            resources={rf"^({paths})$": {}},
+            resources={r"/.*": {}},
             origins="*" if "*" in config.cors_origins else list(config.cors_origins),
-            methods=["POST"],
+            methods=["GET", "POST"],
             allow_headers=["Content-Type"],
+            expose_headers=["Retry-After"],
             max_age=CORS_MAX_AGE,
             always_send=False,
+            vary_header=True,
         )
-        cors_paths = frozenset(SWAP_PATHS + REFRESH_PATHS)
 
         @app.after_request
         def vary_on_origin(response: Response) -> Response:
             # flask-cors leaves Vary out when a single origin is allowed; caches need it regardless.
-            if request.path in cors_paths:
-                response.vary.add("Origin")
+            response.vary.add("Origin")
             return response
 
     if config.rate_limit_failures or config.spotify_max_rate:
         _install_limits(app, config)
 
 
-def _is_failure(response: Response) -> bool:
-    # 429 is excluded: being told to wait is not a new failure, and Spotify's 429s are not the client's.
-    return 400 <= response.status_code < 500 and response.status_code != 429
-
-
-def _retry_after(reset_at: float) -> str:
-    return str(max(1, math.ceil(reset_at - time.time())))
-
-
-def _rate_limited(reset_at: float) -> OAuthError:
-    retry_after = _retry_after(reset_at)
-    return OAuthError(
-        429,
-        "rate_limited",
-        f"Too many failed requests from this address; retry after {retry_after} seconds",
-        headers={"Retry-After": retry_after},
-    )
-
-
-def _storage_options(uri: str) -> dict[str, float]:
-    # redis-py waits forever by default: a Redis that stops answering would hang every request.
-    if uri.startswith(("redis://", "rediss://", "redis+unix://")):
-        return {"socket_connect_timeout": 1, "socket_timeout": 1}
-    return {}
+def _is_limited(request: Request) -> bool:
+    """/health and preflights are never refused nor counted."""
+    return request.method != "OPTIONS" and request.endpoint != "health"
 
 
 def _install_limits(app: Flask, config: Config) -> None:
-    import threading
-    from collections import Counter
-
-    from flask import g
-    from flask_limiter import Limiter, RequestLimit
-    from flask_limiter.util import get_remote_address
-    from limits import parse_many
-
-    def rate_limited(limit: RequestLimit) -> Response:
-        err = _rate_limited(limit.reset_at)
-        return json_response(err.body, err.status, err.headers)
-
-    limiter = Limiter(
-        get_remote_address,
-        app=app,
-        application_limits=[config.rate_limit_failures] if config.rate_limit_failures else [],
-        application_limits_deduct_when=_is_failure,
-        application_limits_exempt_when=lambda: request.method == "OPTIONS"
-        or request.endpoint == "health",
-        # Requests that match no route (404, 405) are failures too, so give them an identity.
-        request_identifier=lambda: request.endpoint or "unrouted",
-        storage_uri=config.rate_limit_storage_uri,
-        storage_options=_storage_options(config.rate_limit_storage_uri),
-        strategy="sliding-window-counter",
-        key_prefix="tokenswap",
-        on_breach=rate_limited,
-        headers_enabled=False,
-        # A Redis outage must not take the service down: limits fall back to this worker's
-        # memory, and an error while counting is logged rather than turned into a 500.
-        in_memory_fallback_enabled=True,
-        swallow_errors=True,
+    limits = Limits(
+        config.rate_limit_failures,
+        config.spotify_max_rate,
+        config.rate_limit_storage_uri,
+        logger=app.logger,
     )
+    service = app.extensions["tokenswap"]
+    service.limits = limits
+    if not limits.counts_failures:
+        return
 
-    # Calls to Spotify in progress in this worker, by client address.
-    in_progress: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    def admit() -> None:
-        # flask-limiter counts a failure once its answer is known, so a burst of concurrent junk
-        # codes would all reach Spotify before the first one counted. An address that has spent
-        # half its failure budget may have only as many calls in progress as it has failures left.
-        # Below that it is not held back: thousands of real users can share one address.
-        address = get_remote_address()
-        budgets = []
-        for limit in limiter.current_limits:
-            amount = limit.limit.amount
-            try:
-                budgets.append((amount, amount - limit.remaining, limit.reset_at))
-            except Exception:  # storage unreachable: fail open, as flask-limiter does
-                app.logger.exception("Rate limit storage unreachable")
-        with lock:
-            for amount, failures, reset_at in budgets:
-                if 2 * failures >= amount and failures + in_progress[address] >= amount:
-                    raise _rate_limited(reset_at)
-            in_progress[address] += 1
-        g.tokenswap_upstream_address = address
+    @app.before_request
+    def refuse_spent_addresses() -> None:
+        if _is_limited(request):
+            limits.check(request.remote_addr or "")
 
     @app.teardown_request
     def release(_: BaseException | None) -> None:
-        address = g.pop("tokenswap_upstream_address", None)
+        address = request.environ.pop(_ADMITTED, None)
         if address is not None:
-            with lock:
-                in_progress[address] -= 1
-                if in_progress[address] <= 0:
-                    del in_progress[address]
+            limits.release(address)
 
-    ceilings = parse_many(config.spotify_max_rate) if config.spotify_max_rate else []
-
-    def spend() -> None:
-        # Test every ceiling before spending any, so a refused call spends none of them.
-        upstream = limiter.limiter
-        try:
-            full = [c for c in ceilings if not upstream.test(c, "spotify-upstream")]
-            if not full:
-                full = [c for c in ceilings if not upstream.hit(c, "spotify-upstream")]
-            if not full:
-                return
-            reset_at = max(upstream.get_window_stats(c, "spotify-upstream").reset_time for c in full)
-        except Exception:  # storage unreachable: fail open
-            app.logger.exception("Rate limit storage unreachable")
-            return
-        raise OAuthError(
-            503,
-            "temporarily_unavailable",
-            "This service is at its ceiling of calls to Spotify; retry shortly",
-            headers={"Retry-After": _retry_after(reset_at)},
-        )
-
-    def before_upstream() -> None:
-        if config.rate_limit_failures:
-            admit()
-        if ceilings:
-            spend()
-
-    app.extensions["tokenswap"].upstream_budget = before_upstream
+    @app.after_request
+    def count_failures(response: Response) -> Response:
+        # 429 is not a new failure: being told to wait is not the client's mistake, nor is
+        # Spotify rate-limiting the app. /health and preflights never count. Successes count
+        # only in this process, as a track record that lets more of the address's calls run.
+        status = response.status_code
+        if _is_limited(request):
+            if status < 300:
+                limits.count_success(request.remote_addr or "")
+            elif 400 <= status < 500 and status != 429:
+                limits.count_failure(request.remote_addr or "")
+        return response

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -231,18 +233,34 @@ def test_health_and_preflight_are_never_limited_nor_counted():
     assert client.options("/refresh", headers=preflight).status_code in (200, 204)
 
 
-def test_a_concurrent_burst_from_a_failing_address_cannot_overshoot_its_budget():
-    """flask-limiter counts a failure when it is answered; a burst must not all reach Spotify before that.
+def slow_answer(status: int, body: str, seconds: float = 0.3):
+    """A responses callback: Spotify answering after `seconds`, noting how many calls overlapped."""
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
 
-    Past half its budget, an address may have only as many calls in progress as it has failures left.
+    def answer(_request):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(seconds)
+        with lock:
+            state["now"] -= 1
+        return status, {}, body
+
+    answer.most_at_once = lambda: state["most"]
+    return answer
+
+
+@pytest.mark.parametrize("earlier_failures", [0, 3])
+def test_a_concurrent_burst_of_junk_cannot_overshoot_the_budget(earlier_failures):
+    """A failure is counted when it is answered: a burst must not all reach Spotify before that.
+
+    Each call in flight counts against the budget until its answer is known, so at most the failures
+    left reach Spotify, whether or not the address had failed before.
     """
     app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "5/hour"})
     burst = 20
     start = threading.Barrier(burst)
-
-    def slow_invalid_grant(_request):
-        time.sleep(0.3)
-        return 400, {}, '{"error": "invalid_grant"}'
 
     def junk(n: int) -> int:
         client = app.test_client()
@@ -250,17 +268,83 @@ def test_a_concurrent_burst_from_a_failing_address_cannot_overshoot_its_budget()
         return client.post("/swap", data={"code": f"junk-{n}"}).status_code
 
     with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
-        spotify.add_callback(responses.POST, TOKEN_URL, callback=slow_invalid_grant)
-        for n in range(3):
+        spotify.add_callback(responses.POST, TOKEN_URL, callback=slow_answer(400, '{"error": "invalid_grant"}'))
+        for n in range(earlier_failures):
             assert app.test_client().post("/swap", data={"code": f"first-{n}"}).status_code == 400
         with ThreadPoolExecutor(burst) as pool:
             statuses = Counter(pool.map(junk, range(burst)))
-        assert len(spotify.calls) == 3 + 2
-    assert statuses == {400: 2, 429: burst - 2}
+        assert len(spotify.calls) == 5
+    assert statuses == {400: 5 - earlier_failures, 429: burst - (5 - earlier_failures)}
+
+
+def test_real_users_from_an_address_near_its_budget_wait_their_turn_rather_than_fail():
+    """8 of 10 failures spent: 2 calls reach Spotify first, more as they succeed; none is refused."""
+    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "10/hour"})
+    for _ in range(8):
+        assert fail_once(app.test_client(), "invalid_request").status_code == 400
+    burst = 8
+    start = threading.Barrier(burst)
+    tokens = slow_answer(200, '{"access_token": "BQ", "token_type": "Bearer", "expires_in": 3600}', 0.2)
+
+    def user(n: int) -> int:
+        client = app.test_client()
+        start.wait()
+        return client.post("/swap", data={"code": f"user-{n}"}).status_code
+
+    with responses.RequestsMock() as spotify:
+        spotify.add_callback(responses.POST, TOKEN_URL, callback=tokens)
+        with ThreadPoolExecutor(burst) as pool:
+            assert list(pool.map(user, range(burst))) == [200] * burst
+    assert 2 <= tokens.most_at_once() < burst
+
+
+def test_an_address_whose_calls_succeed_is_not_held_back():
+    """Thousands of users behind one carrier NAT: their successes make room for as many calls at once."""
+    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "5/hour"})
+    burst = 20
+    start = threading.Barrier(burst)
+    tokens = slow_answer(200, '{"access_token": "BQ", "token_type": "Bearer", "expires_in": 3600}', 0.3)
+
+    def user(n: int) -> int:
+        client = app.test_client()
+        start.wait()
+        return client.post("/swap", data={"code": f"user-{n}"}).status_code
+
+    with responses.RequestsMock() as spotify:
+        spotify.add(responses.POST, TOKEN_URL, json=TOKENS)
+        for n in range(burst - 5):
+            assert app.test_client().post("/swap", data={"code": f"earlier-{n}"}).status_code == 200
+        spotify.reset()
+        spotify.add_callback(responses.POST, TOKEN_URL, callback=tokens)
+        with ThreadPoolExecutor(burst) as pool:
+            assert list(pool.map(user, range(burst))) == [200] * burst
+    assert tokens.most_at_once() == burst
+
+
+def test_a_request_that_cannot_get_a_turn_within_spotify_timeout_is_503():
+    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "2/hour", "SPOTIFY_TIMEOUT": "0.3"})
+    assert fail_once(app.test_client(), "invalid_request").status_code == 400
+    start = threading.Barrier(2)
+
+    def user(n: int):
+        client = app.test_client()
+        start.wait()
+        time.sleep(0.1 * n)  # the second one finds the first in flight
+        return client.post("/swap", data={"code": f"user-{n}"})
+
+    with responses.RequestsMock() as spotify:
+        spotify.add_callback(responses.POST, TOKEN_URL, callback=slow_answer(200, json.dumps(TOKENS), 1.0))
+        with ThreadPoolExecutor(2) as pool:
+            first, second = pool.map(user, range(2))
+        assert len(spotify.calls) == 1
+    assert first.status_code == 200
+    assert second.status_code == 503
+    assert second.get_json()["error"] == "temporarily_unavailable"
+    assert second.headers["Retry-After"] == "1"
 
 
 def test_a_concurrent_burst_of_real_users_is_not_held_back_by_a_few_failures():
-    """Below half its failure budget, an address may have any number of calls to Spotify in progress."""
+    """With 6 failures left, 6 calls at a time go to Spotify; every user gets through."""
     app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "10/hour"})
     for _ in range(4):
         assert fail_once(app.test_client(), "invalid_request").status_code == 400
@@ -313,7 +397,7 @@ def test_spotify_max_rate_is_not_spent_by_requests_that_never_reach_spotify():
         assert len(spotify.calls) == 2
 
 
-def test_an_unreachable_limit_store_fails_open():
+def test_an_unreachable_limit_store_fails_open_and_says_so(caplog):
     """A Redis outage must not take the service down: the limits fall back to the worker's memory."""
     client = limited_client(
         RATE_LIMIT_FAILURES="2/hour",
@@ -325,6 +409,9 @@ def test_an_unreachable_limit_store_fails_open():
         assert client.post("/swap", data={"code": "c"}).status_code == 200
     assert [fail_once(client, "invalid_request").status_code for _ in range(2)] == [400, 400]
     assert_rate_limited(fail_once(client, "invalid_request"))
+    outages = [r for r in caplog.records if "Rate limit storage unreachable" in r.getMessage()]
+    assert outages and all(r.levelno == logging.ERROR for r in outages)
+    assert len(outages) == 1  # once per retry period, not once per request
 
 
 # -- Redis: one budget for every worker and instance ---------------------------------------------

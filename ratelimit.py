@@ -1,0 +1,202 @@
+"""Rate limits: failed requests per client address, and a ceiling on calls to Spotify.
+
+The counting is the `limits` library's (sliding-window counters in memory or Redis); this module
+decides what is counted and when. Nothing here knows HTTP: the app asks and renders the answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TypeVar
+
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage, storage_from_string
+from limits.strategies import SlidingWindowCounterRateLimiter
+
+T = TypeVar("T")
+
+# After a storage error, how long to count in this process's memory before trying the storage again.
+STORAGE_RETRY_SECONDS = 5.0
+# Successes are counted with the failure limits' windows under a limit never reached.
+TRACK_RECORD_CEILING = 10**9
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """A limit is reached: retry after retry_after seconds.
+
+    `reason` is FAILURES (the address spent its failure budget), CEILING (the deployment's calls
+    to Spotify), or BUSY (the address's calls in flight did not end in time to make room).
+    """
+
+    FAILURES, CEILING, BUSY = "failures", "ceiling", "busy"
+
+    def __init__(self, retry_after: int, reason: str):
+        self.retry_after = retry_after
+        self.reason = reason
+        super().__init__(f"{reason} limit reached, retry after {retry_after} s")
+
+
+def _retry_after(reset_at: float) -> int:
+    # Rounded up, so that a client that waits exactly this long is never refused again.
+    return max(1, math.ceil(reset_at - time.time()))
+
+
+def _storage_options(uri: str) -> dict[str, float]:
+    # redis-py waits forever by default: a Redis that stops answering would hang every request.
+    if uri.startswith(("redis://", "rediss://", "redis+unix://")):
+        return {"socket_connect_timeout": 1, "socket_timeout": 1}
+    return {}
+
+
+class Limits:
+    """The failure budget of each client address, and the deployment's ceiling on calls to Spotify.
+
+    A failure is counted once its answer is known (`count_failure`). Before that, `check` refuses
+    an address whose budget is spent, and `admit` keeps an address that has spent half of it from
+    having more calls to Spotify in flight (in this process) than it has failures left, so a burst
+    of concurrent junk cannot all reach Spotify before the first failure is counted. An address
+    without failures is never held back: thousands of real users can share one address.
+    """
+
+    def __init__(
+        self,
+        failures: str | None,
+        ceiling: str | None,
+        storage_uri: str = "memory://",
+        logger: logging.Logger = log,
+    ):
+        self._log = logger
+        self._failures: list[RateLimitItem] = parse_many(failures) if failures else []
+        self._ceilings: list[RateLimitItem] = parse_many(ceiling) if ceiling else []
+        self._counter = SlidingWindowCounterRateLimiter(
+            storage_from_string(storage_uri, **_storage_options(storage_uri))
+        )
+        # A shared storage that stops answering must not take the service down: count in this
+        # process's memory meanwhile.
+        self._fallback = (
+            None if storage_uri.startswith("memory://")
+            else SlidingWindowCounterRateLimiter(MemoryStorage())
+        )
+        self._storage_down_until = 0.0
+        # Answered calls per address in this process, over the failure limits' windows: an address
+        # whose calls succeed earns room for more calls in flight (see admit).
+        self._track_record = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self._successes = [type(item)(TRACK_RECORD_CEILING, item.multiples) for item in self._failures]
+        # Calls to Spotify in flight, and requests waiting for one to end, by address.
+        self._in_flight: Counter[str] = Counter()
+        self._waiting: Counter[str] = Counter()
+        self._ended = threading.Condition()
+
+    @property
+    def counts_failures(self) -> bool:
+        return bool(self._failures)
+
+    def check(self, address: str) -> None:
+        """Raise Refused if this address has no failures left in its budget."""
+        for item in self._failures:
+            if not self._use(lambda c: c.test(item, "failures", address)):
+                reset_at = self._use(lambda c: c.get_window_stats(item, "failures", address)).reset_time
+                raise Refused(_retry_after(reset_at), Refused.FAILURES)
+
+    def count_failure(self, address: str) -> None:
+        """Count one failed request against this address."""
+        for item in self._failures:
+            self._use(lambda c: c.hit(item, "failures", address))
+
+    def count_success(self, address: str) -> None:
+        """Count one successful request of this address (never shared: it only sizes admit)."""
+        for item in self._successes:
+            self._track_record.hit(item, address)
+
+    def admit(self, address: str, wait: float) -> None:
+        """Before a call to Spotify on behalf of this address: raise Refused, or count it in flight.
+
+        Until its answer is known, a call in flight may be a failure. So an address may have as
+        many calls in flight (in this process) as it has failures left, plus the calls of its that
+        succeeded in the window: a burst of junk gets no further than its budget, while an address
+        whose requests succeed (thousands of users behind one carrier NAT) is soon not held back at
+        all. Past that, the request waits up to `wait` seconds for earlier calls to end; it is
+        refused only if the budget really is spent. Each admit must be followed by one `release`.
+        """
+        if self._failures:
+            self._admit(address, time.monotonic() + wait)
+        if self._ceilings:
+            try:
+                self._spend_ceiling()
+            except Refused:
+                self.release(address)
+                raise
+
+    def _admit(self, address: str, deadline: float) -> None:
+        while True:
+            room = []
+            for item, successes in zip(self._failures, self._successes):
+                stats = self._use(lambda c: c.get_window_stats(item, "failures", address))
+                if stats.remaining <= 0:
+                    raise Refused(_retry_after(stats.reset_time), Refused.FAILURES)
+                succeeded = TRACK_RECORD_CEILING - self._track_record.get_window_stats(successes, address).remaining
+                room.append(stats.remaining + succeeded)
+            with self._ended:
+                in_flight = self._in_flight[address]
+                if all(in_flight < calls for calls in room):
+                    self._in_flight[address] = in_flight + 1
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Refused(1, Refused.BUSY)
+                self._waiting[address] += 1
+                try:
+                    self._ended.wait(left)
+                finally:
+                    self._waiting[address] -= 1
+                    if not self._waiting[address]:
+                        del self._waiting[address]
+
+    def release(self, address: str) -> None:
+        """The call to Spotify admitted for this address is over, and its answer counted."""
+        if not self._failures:
+            return
+        with self._ended:
+            left = self._in_flight[address] - 1
+            if left > 0:
+                self._in_flight[address] = left
+            else:
+                del self._in_flight[address]
+            if self._waiting[address]:
+                self._ended.notify_all()
+
+    def _spend_ceiling(self) -> None:
+        # Test every ceiling before spending any, so a refused call spends none of them.
+        def spend(counter: SlidingWindowCounterRateLimiter) -> list[RateLimitItem]:
+            full = [item for item in self._ceilings if not counter.test(item, "spotify")]
+            return full or [item for item in self._ceilings if not counter.hit(item, "spotify")]
+
+        full = self._use(spend)
+        if full:
+            reset_at = max(
+                self._use(lambda c: c.get_window_stats(item, "spotify")).reset_time for item in full
+            )
+            raise Refused(_retry_after(reset_at), Refused.CEILING)
+
+    def _use(self, operation: Callable[[SlidingWindowCounterRateLimiter], T]) -> T:
+        if self._fallback is None:
+            return operation(self._counter)
+        if time.monotonic() >= self._storage_down_until:
+            try:
+                return operation(self._counter)
+            except Exception as err:
+                self._storage_down_until = time.monotonic() + STORAGE_RETRY_SECONDS
+                # The error's type and text (host and port, never a password), no traceback.
+                self._log.error(
+                    "Rate limit storage unreachable (%s: %s); counting in this worker's memory "
+                    "for the next %.0f s",
+                    type(err).__name__, err, STORAGE_RETRY_SECONDS,
+                )
+        return operation(self._fallback)
