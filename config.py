@@ -113,12 +113,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         "SPOTIFY_CLIENT_SECRET", "copy it from your app in the Spotify developer dashboard"
     )
 
-    callback_urls = _split(
-        required(
-            "SPOTIFY_CLIENT_CALLBACK_URL",
-            "set it to the redirect URI your app registered with Spotify, e.g. myapp://callback",
-        )
-    )
+    callback_hint = "set it to the redirect URI your app registered with Spotify, e.g. myapp://callback"
+    callback_urls = _split(required("SPOTIFY_CLIENT_CALLBACK_URL", callback_hint))
+    if get("SPOTIFY_CLIENT_CALLBACK_URL") and not callback_urls:
+        problems.append(f"SPOTIFY_CLIENT_CALLBACK_URL lists no URI: {callback_hint}")
     for url in callback_urls:
         if ":" not in url:
             problems.append(
@@ -126,6 +124,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             )
 
     encryption_secrets = _split(required("ENCRYPTION_SECRET", GEN_SECRET_HINT))
+    if get("ENCRYPTION_SECRET") and not encryption_secrets:
+        problems.append(f"ENCRYPTION_SECRET lists no secret: {GEN_SECRET_HINT}")
     for position, secret in enumerate(encryption_secrets, 1):
         if len(secret) < MIN_SECRET_LENGTH:
             problems.append(
@@ -135,8 +135,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     if len(set(encryption_secrets)) != len(encryption_secrets):
         problems.append("ENCRYPTION_SECRET lists the same secret twice: remove the duplicate")
 
-    # The legacy secret is whatever the old service used; it is not ours to strengthen.
-    legacy_secret = env.get("LEGACY_ENCRYPTION_SECRET") or None
+    # The legacy secret is whatever the old service used, spaces included; it is not ours to
+    # strengthen. Only a value that is nothing but white space counts as unset.
+    legacy_secret = env.get("LEGACY_ENCRYPTION_SECRET") if get("LEGACY_ENCRYPTION_SECRET") else None
 
     accounts_url = get("SPOTIFY_ACCOUNTS_URL") or Config.accounts_url
     if not _is_http_url(accounts_url):

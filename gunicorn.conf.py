@@ -12,11 +12,19 @@ except ConfigError as err:
     print(f"{err}\nThe service did not start.", file=sys.stderr, flush=True)
     sys.exit(1)
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# Empty counts as unset, as for every variable the application reads.
+bind = f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
 # One process per core. A process's CPU, not waiting, is the limit: on 2 cores one worker
 # tops out near 540 refreshes/s against a 100 ms upstream, two reach 770-940, three no more
 # (bench/README.md). Platforms size WEB_CONCURRENCY to the instance.
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+try:
+    workers = int(os.environ.get("WEB_CONCURRENCY", "").strip() or "2")
+    if workers < 1:
+        raise ValueError
+except ValueError:
+    print(f"WEB_CONCURRENCY={os.environ['WEB_CONCURRENCY']!r} must be a whole number of worker "
+          "processes, 1 or more (default 2)\nThe service did not start.", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 # Each request spends almost all its time waiting on Spotify: gevent workers keep up to
 # worker_connections of them waiting at once per process, at a few KB each, instead of a thread
@@ -36,19 +44,36 @@ keepalive = 75
 # fight over it, and a read-only container home cannot hold it. Nothing here uses it.
 control_socket_disable = True
 
-# One line per request: client, method, path (never the query string), status, bytes, milliseconds.
+# One line per request: client, method, path (never the query string), status, bytes, milliseconds,
+# to stdout. gunicorn's own messages and tracebacks go to stderr.
 accesslog = "-"
 errorlog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
 
-# -- Two costs per request that gunicorn's defaults add, removed (pinned gunicorn==27.0.1) -----------
+# -- gunicorn's defaults, adjusted (pinned gunicorn==27.0.1): two costs per request removed, -------
+# -- no secret or forged line in its log, JSON for requests it cannot parse. -----------------------
+import json  # noqa: E402
+import re  # noqa: E402
+
 from gunicorn import glogging, util  # noqa: E402
 from gunicorn.http import wsgi  # noqa: E402
 
+# A query string may hold a code or a token (a client that put its fields in the URL).
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
 
 def _quoted(value: object) -> object:
-    return value.replace('"', '\\"') if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    if not value.isprintable():
+        # A percent-encoded newline in a path must not start a forged log line.
+        value = value.encode("unicode_escape").decode("ascii")
+    return value.replace('"', '\\"')
+
+
+def _redacted(value: object) -> object:
+    return _QUERY.sub("?...", value) if isinstance(value, str) else value
 
 
 class AccessLogger(glogging.Logger):
@@ -75,7 +100,33 @@ class AccessLogger(glogging.Logger):
         return None
 
 
+    def warning(self, msg, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # "Invalid request from ip=...: Invalid HTTP request line: 'POST /refresh?refresh_token=...'"
+        super().warning(_redacted(msg), *map(_redacted, args), **kwargs)
+
+    def exception(self, msg, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # "Error handling request POST /swap?code=..."
+        super().exception(_redacted(msg), *map(_redacted, args), **kwargs)
+
+
 logger_class = AccessLogger
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # type: ignore[no-untyped-def]
+    """gunicorn's answer to a request it cannot parse, as JSON like every other error.
+
+    The stock one is an HTML page that echoes the bad input; this one does not echo it.
+    """
+    body = json.dumps({
+        "error": "invalid_request" if status_int < 500 else "server_error",
+        "error_description": reason,
+    }, separators=(",", ":"))
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\nCache-Control: no-store\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, (head + body).encode("latin-1"))
 
 
 class _Held:
@@ -108,5 +159,7 @@ class OneWriteResponse(wsgi.Response):
 
 
 def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
-    """In each worker: wsgi.create() builds every request's Response by this module-level name."""
+    """In each worker: wsgi.create() builds every request's Response, and the worker writes
+    answers to unparseable requests, by these module-level names."""
     wsgi.Response = OneWriteResponse
+    util.write_error = _write_json_error

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -11,6 +15,14 @@ from requests.adapters import HTTPAdapter
 from requests.models import PreparedRequest
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+try:  # the Procfile's workers are gevent's; the service also runs without it (flask run, tests)
+    import gevent
+    import gevent.monkey
+
+    _gevent: Any = gevent
+except ImportError:  # pragma: no cover
+    _gevent = None
 
 
 class OAuthError(Exception):
@@ -97,16 +109,38 @@ class AccountsClient:
         request.body = urlencode(form)
         request.headers = self._headers.copy()
         request.headers["Content-Length"] = str(len(request.body))
+        deadline = _deadline(self.timeout)
         try:
+            if deadline is not None:
+                deadline.start()
             response = self._adapter.send(request, **self._send_options)
             response.content  # read the body here, where a broken answer is caught
-        except requests.Timeout:
+        except (requests.Timeout, _DeadlinePassed):
             raise OAuthError(504, "temporarily_unavailable", "Spotify did not answer in time") from None
         except requests.ConnectionError:
             raise OAuthError(503, "temporarily_unavailable", "Could not reach Spotify") from None
         except requests.RequestException:
             raise OAuthError(502, "server_error", "Spotify's answer could not be read") from None
+        finally:
+            if deadline is not None:
+                deadline.close()
         return _read_answer(response)
+
+
+class _DeadlinePassed(Exception):
+    """The whole call to Spotify took longer than the timeout."""
+
+
+def _deadline(seconds: float) -> Any:
+    """A timer that interrupts the whole call after `seconds`, under gevent's patched sockets.
+
+    requests' timeout applies to each wait for data, so an answer that trickles in a few bytes at
+    a time could hold a request for far longer. Without gevent (the flask development server,
+    unit tests), the per-wait timeout is all there is.
+    """
+    if _gevent is None or not _gevent.monkey.is_module_patched("socket"):
+        return None
+    return _gevent.Timeout(seconds, _DeadlinePassed)
 
 
 class _OneWrite:
@@ -167,29 +201,69 @@ class _Adapter(HTTPAdapter):
         }
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _json_object(content: bytes) -> dict[str, Any] | None:
+    # NaN and Infinity are not JSON: passed on, they would make our own answer unreadable.
+    try:
+        body = json.loads(content, parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _seconds(value: Any) -> int | None:
+    """A whole number of seconds from a JSON number or numeric string; None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+        return int(number) if math.isfinite(number) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _retry_after(value: str | None) -> str | None:
+    """Retry-After as whole seconds (RFC 9110 allows seconds or an HTTP date); None if unreadable."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    seconds = _seconds(value)
+    if seconds is None:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = math.ceil((when - datetime.now(timezone.utc)).total_seconds())
+    elif float(value) > seconds:
+        seconds += 1  # 1.5 means wait at least 1.5 seconds: 2
+    return str(max(0, seconds))
+
+
 def _read_answer(response: requests.Response) -> dict[str, Any]:
     status = response.status_code
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        body = None
+    body = _json_object(response.content)
 
     if status == 200:
         if body is None or not isinstance(body.get("access_token"), str) or not body["access_token"]:
             raise OAuthError(502, "server_error", "Spotify's answer had no access token")
-        expires_in = body.get("expires_in")
-        if isinstance(expires_in, (str, float)):
-            try:
-                body["expires_in"] = int(float(expires_in))
-            except ValueError:
-                pass
+        if "expires_in" in body:
+            expires_in = _seconds(body["expires_in"])
+            if expires_in is None:
+                raise OAuthError(502, "server_error", "Spotify's answer had no valid expires_in")
+            body["expires_in"] = expires_in
         return body
     if status == 429:
         headers = {}
-        if response.headers.get("Retry-After", "").strip().isdigit():
-            headers["Retry-After"] = response.headers["Retry-After"].strip()
+        retry_after = _retry_after(response.headers.get("Retry-After"))
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
         if body is not None and isinstance(body.get("error"), str):
             raise OAuthError(429, body=body, headers=headers)
         raise OAuthError(

@@ -9,6 +9,7 @@ interfere), or for every request by `fault`:
     fault-reset     connection reset, no answer    fault-timeout   no answer for 60 seconds
     fault-slow      answer after 1 second          invalid-...     400 {"error": "invalid_grant"}
     fault-slow-N    answer after N seconds (e.g. fault-slow-3, fault-slow-0.5)
+    fault-trickle   a 200 sent one byte every 0.3 seconds: each wait is short, the whole is not
     rotate-...      (refresh) answer carries a new refresh token "rotated-..."
 
 Settings: `latency` (seconds before every answer), `connect_delay` (extra seconds before the first
@@ -249,18 +250,23 @@ class _Connection(asyncio.Protocol):
                     await asyncio.sleep(60)
                     self.transport.close()
                     return
+                if answer == "fault-trickle":
+                    await self._trickle(self.fake.answer(method, path, headers, body, faults=False))
+                    continue
                 if answer.startswith("fault-slow"):
                     await asyncio.sleep(_slow_seconds(answer))
                     answer = self.fake.answer(method, path, headers, body, faults=False)
                 else:
                     answer = _FAULT_ANSWERS[answer]
-            status, extra, payload = answer
-            head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
-                    f"Content-Length: {len(payload)}"]
-            if "Content-Type" not in extra:
-                head.append("Content-Type: application/json")
-            head += [f"{k}: {v}" for k, v in extra.items()]
-            self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+            self.transport.write(_http_answer(*answer))
+
+    async def _trickle(self, answer: tuple) -> None:
+        for position, byte in enumerate(_http_answer(*answer)):
+            if self.transport.is_closing():
+                return
+            self.transport.write(bytes([byte]))
+            if position > 20:  # the status line at once, then the rest byte by byte
+                await asyncio.sleep(0.3)
 
     def _reset(self) -> None:
         sock = self.transport.get_extra_info("socket")
@@ -270,6 +276,14 @@ class _Connection(asyncio.Protocol):
             except OSError:
                 pass
         self.transport.abort()
+
+
+def _http_answer(status: int, extra: dict[str, str], payload: bytes) -> bytes:
+    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {len(payload)}"]
+    if "Content-Type" not in extra:
+        head.append("Content-Type: application/json")
+    head += [f"{k}: {v}" for k, v in extra.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
 
 
 def _slow_seconds(fault: str) -> float:

@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,23 @@ def test_expires_in_is_an_integer(client, spotify, sent, kept):
     assert type(body["expires_in"]) is int
 
 
+@pytest.mark.parametrize(
+    "sent", ["3600s", "nan", "inf", True, None, [3600], "", 1e400], ids=repr
+)
+def test_expires_in_that_is_no_number_of_seconds_is_502(client, spotify, sent):
+    expect(spotify, swap_form(), json={**TOKENS, "expires_in": sent})
+    assert_error(client.post("/swap", data={"code": CODE}), 502, "server_error")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("status", [200, 400])
+def test_spotify_answer_with_non_json_numbers_is_502(client, spotify, constant, status):
+    """Python's json reads NaN and Infinity; passed on, they would make our answer invalid JSON."""
+    body = '{"access_token": "BQ-x", "error": "invalid_grant", "x": %s}' % constant
+    spotify.post(TOKEN_URL, status=status, body=body, content_type="application/json")
+    assert_error(client.post("/swap", data={"code": CODE}), 502, "server_error")
+
+
 def test_spotify_timeout_is_applied(make_client, spotify):
     expect(spotify, swap_form(), json=TOKENS)
     make_client(SPOTIFY_TIMEOUT="2.5").post("/swap", data={"code": CODE})
@@ -368,6 +387,25 @@ def test_spotify_429_forwards_retry_after(client, spotify, endpoint):
     response = call(client, endpoint)
     assert_error(response, 429, "temporarily_unavailable")
     assert response.headers["Retry-After"] == "7"
+
+
+@pytest.mark.parametrize(
+    "sent, forwarded",
+    [("1.5", "2"), (" 30 ", "30"), ("0", "0"), ("soon", None), ("", None),
+     ("Wed, 21 Oct 2015 07:28:00 GMT", "0")],
+)
+def test_spotify_429_retry_after_is_forwarded_in_whole_seconds(client, spotify, sent, forwarded):
+    expect_call(spotify, "swap", status=429, body="", headers={"Retry-After": sent})
+    response = call(client, "swap")
+    assert_error(response, 429, "temporarily_unavailable")
+    assert response.headers.get("Retry-After") == forwarded
+
+
+def test_spotify_429_retry_after_as_a_date_is_forwarded_as_seconds(client, spotify):
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=120), usegmt=True)
+    expect_call(spotify, "swap", status=429, body="", headers={"Retry-After": when})
+    response = call(client, "swap")
+    assert 110 <= int(response.headers["Retry-After"]) <= 121
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
@@ -685,6 +723,24 @@ def test_cors_error_answer_to_allowed_origin_is_readable(make_client, spotify):
     response = client.post("/refresh", data={"refresh_token": "(null)"}, headers={"Origin": ORIGIN})
     assert_error(response, 400, "invalid_grant")
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+@pytest.mark.parametrize(
+    "method, path, status", [("POST", "/swapp", 404), ("POST", "/swap/", 404), ("POST", "/health", 405)]
+)
+def test_cors_unrouted_error_answer_to_allowed_origin_is_readable(make_client, spotify, method, path, status):
+    response = make_client(CORS_ORIGINS=ORIGIN).open(path, method=method, headers={"Origin": ORIGIN})
+    assert response.status_code == status
+    assert response.headers["Content-Type"] == JSON_CT
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert response.headers.getlist("Vary") == ["Origin"]
+
+
+def test_cors_exposes_retry_after_to_browser_code(make_client, spotify):
+    expect_call(spotify, "swap", status=429, body="", headers={"Retry-After": "7"})
+    response = make_client(CORS_ORIGINS=ORIGIN).post("/swap", data={"code": CODE}, headers={"Origin": ORIGIN})
+    assert response.status_code == 429
+    assert "retry-after" in response.headers["Access-Control-Expose-Headers"].lower()
 
 
 def test_cors_other_origin_gets_no_allow_origin(make_client, spotify):

@@ -42,6 +42,14 @@ def test_blank_required_variable_counts_as_missing(missing):
     assert f"{missing} is not set" in str(err)
 
 
+@pytest.mark.parametrize("name", ["SPOTIFY_CLIENT_CALLBACK_URL", "ENCRYPTION_SECRET"])
+@pytest.mark.parametrize("value", [",", " , ", ",,,"])
+def test_list_of_nothing_but_commas_is_refused_by_name(name, value):
+    err = config_error(**{**MINIMAL, name: value})
+    assert len(err.problems) == 1
+    assert err.problems[0].startswith(f"{name} lists no ")
+
+
 def test_every_missing_variable_is_named_at_once():
     err = config_error()
     message = str(err)
@@ -172,6 +180,12 @@ def test_blank_optional_values_mean_their_defaults():
         )
     }
     assert load_config({**MINIMAL, **blank}) == load_config(MINIMAL)
+    assert load_config({**MINIMAL, "LEGACY_ENCRYPTION_SECRET": "  \t "}).legacy_secret is None
+
+
+def test_legacy_secret_is_used_exactly_as_given():
+    """It is the old service's secret, surrounding spaces included: not ours to tidy up."""
+    assert load_config({**MINIMAL, "LEGACY_ENCRYPTION_SECRET": " old "}).legacy_secret == " old "
 
 
 def test_comma_separated_lists_are_parsed():

@@ -179,6 +179,40 @@ def test_descriptors_are_checked_against_a_nonempty_variable_list():
     assert set(SERVER_VARIABLES) == {"PORT", "WEB_CONCURRENCY"}
 
 
+class _Recording(dict):
+    """An environment that remembers every name looked up in it."""
+
+    def __init__(self, values: dict[str, str]):
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, name, default=None):  # type: ignore[override]
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def __contains__(self, name):
+        self.read.add(name)
+        return super().__contains__(name)
+
+
+def test_config_reads_exactly_the_listed_variables():
+    """VARIABLES, which every descriptor is checked against, is what load_config really reads."""
+    environ = _Recording({**DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
+    load_config(environ)
+    assert environ.read == set(VARIABLES)
+
+
+def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch):
+    environ = _Recording({**os.environ, **DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
+    monkeypatch.setattr(os, "environ", environ)
+    runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert environ.read - set(VARIABLES) == set(SERVER_VARIABLES)
+
+
 def test_app_json_names_exactly_the_variables():
     env = app_json()["env"]
     # PORT and WEB_CONCURRENCY are the platform's to set: Heroku sets both per dyno.
@@ -318,7 +352,7 @@ def test_dockerfile_installs_only_the_runtime_requirements_without_a_cache():
 def test_dockerfile_copies_every_module_the_service_imports_and_nothing_else():
     copied = set(docker_copied_files())
     needed = local_imports(ROOT / "app.py") | local_imports(ROOT / "gunicorn.conf.py")
-    assert needed == {"app.py", "config.py", "crypto.py", "spotify.py", "gunicorn.conf.py"}
+    assert needed == {"app.py", "config.py", "crypto.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
     assert copied == needed | {"requirements.txt"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -279,6 +280,52 @@ def test_body_over_64_kib_is_json_413_and_the_connection_stays_usable(server, fa
     assert fake.requests == []
 
 
+def test_chunked_body_over_64_kib_is_json_413_without_calling_spotify(server, fake):
+    def chunks():
+        yield b"code=" + unique().encode() + b"&padding="
+        for _ in range(70):
+            yield b"a" * 1024
+
+    response = requests.post(server.url + "/swap", data=chunks(), headers={"Content-Type": FORM, **CLOSE},
+                             timeout=30)
+    assert json_answer(response, 413)["error"] == "invalid_request"
+    assert fake.requests == []
+
+
+def test_chunked_body_under_64_kib_is_read(server, fake):
+    code = unique()
+    response = requests.post(server.url + "/swap", data=iter([b"code=", code.encode()]),
+                             headers={"Content-Type": FORM, **CLOSE}, timeout=30)
+    json_answer(response, 200)
+    assert fake.requests[0]["form"]["code"] == code
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status",
+    [
+        (b"POST /swap HTTP/1.1\r\nHost: x\r\nX-Bad Header: y\r\nContent-Length: 0\r\n\r\n", 400),
+        (b"garbage\r\n\r\n", 400),
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 8200 + b"\r\n\r\n", 431),
+    ],
+    ids=["bad-header-name", "bad-request-line", "long-url", "long-header"],
+)
+def test_requests_the_server_cannot_parse_get_json_errors(server, fake, request_bytes, status):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with part of the request unread
+            while chunk := sock.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *headers = head.decode("latin-1").split("\r\n")
+    assert int(status_line.split()[1]) == status
+    assert "Content-Type: application/json" in headers
+    assert json.loads(body)["error"] == "invalid_request"
+    assert b"<html" not in answer
+    assert fake.requests == []
+
+
 def test_health_is_json_and_does_not_call_spotify(server, fake):
     assert json_answer(requests.get(server.url + "/health", timeout=30), 200) == {"status": "ok"}
     assert fake.requests == []
@@ -337,6 +384,17 @@ def test_an_upstream_slower_than_spotify_timeout_is_504_within_seconds(server, f
 
     assert body["error"] == "temporarily_unavailable"
     assert time.monotonic() - start < 5  # SPOTIFY_TIMEOUT=1, not the fake's 60 s
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("grant", ["swap", "refresh"])
+def test_an_upstream_answer_trickling_in_past_spotify_timeout_is_504(server, fake, grant):
+    """SPOTIFY_TIMEOUT bounds the whole call, not only each wait for the next bytes."""
+    start = time.monotonic()
+    body = json_answer(call_with(server, grant, "fault-trickle"), 504)
+
+    assert body["error"] == "temporarily_unavailable"
+    assert time.monotonic() - start < 3  # SPOTIFY_TIMEOUT=1; the trickle would take a minute
     assert len(fake.requests) == 1
 
 
@@ -456,6 +514,24 @@ def test_the_request_log_has_one_line_per_request_and_no_secret(server, fake):
         assert secret not in output
 
 
+def test_the_request_log_cannot_be_forged_nor_shows_a_query_string_gunicorn_refuses(server, fake):
+    since = len(server.output())
+    forged = '/x%0a6.6.6.6%20%22POST%20/refresh%22%20200%20117%203ms'
+    json_answer(requests.get(server.url + forged, headers=CLOSE, timeout=30), 404)
+    token = SEALER.seal(unique("AQ"))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        # A request line gunicorn refuses (a raw byte above 0x7f) is logged by gunicorn itself.
+        sock.sendall(b"POST /refresh?refresh_token=" + token.encode() + b"&x=\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+        while sock.recv(65536):
+            pass
+    server.wait_for_access_log(1, since)
+    time.sleep(0.3)
+    output = server.output()[since:]
+    assert not any(line.startswith("6.6.6.6") for line in output.splitlines())
+    assert "\\n6.6.6.6" in output  # the newline is written escaped, on the one line
+    assert token not in output
+
+
 # -- concurrency -------------------------------------------------------------------------------
 
 
@@ -485,17 +561,27 @@ def test_200_concurrent_refreshes_against_a_300_ms_upstream_finish_within_3_s(de
     assert wall < 3.0, f"200 refreshes took {wall:.2f} s"
 
 
-def test_health_answers_within_100_ms_while_200_requests_wait_on_spotify(default_server, slow_fake):
+@pytest.fixture(scope="module")
+def unlimited_server(slow_fake):
+    """The Procfile's defaults but the failure limit. Every request here comes from 127.0.0.1, and a
+    new address may have only its failure budget of calls in flight until some have succeeded."""
+    env = server_env(slow_fake.url, RATE_LIMIT_FAILURES="off")
+    del env["SPOTIFY_TIMEOUT"]
+    with Server(env) as running:
+        yield running
+
+
+def test_health_answers_within_100_ms_while_200_requests_wait_on_spotify(unlimited_server, slow_fake):
     slow_fake.reset()
     body = urlencode({"code": "fault-slow-3"}).encode()
 
     with ThreadPoolExecutor(max_workers=200) as pool:
-        futures = [pool.submit(raw_post, default_server.port, "/swap", body) for _ in range(200)]
+        futures = [pool.submit(raw_post, unlimited_server.port, "/swap", body) for _ in range(200)]
         deadline = time.monotonic() + 30
         while len(slow_fake.requests) < 200 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(slow_fake.requests) == 200  # every one of them is now waiting on the fake
-        probes = [timed_get(default_server.port, "/health") for _ in range(5)]
+        probes = [timed_get(unlimited_server.port, "/health") for _ in range(5)]
         still_waiting = sum(not future.done() for future in futures)
         results = [future.result() for future in futures]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import string
+import time
 import uuid
 from urllib.parse import urlencode
 
@@ -304,8 +305,12 @@ def logged_client(server: Server, forwarded_for: str) -> str:
     path = f"/trace-{uuid.uuid4().hex}"
     since = len(server.output())
     json_answer(requests.get(server.url + path, headers={"X-Forwarded-For": forwarded_for, **CLOSE}, timeout=30), 404)
-    server.wait_for_access_log(1, since)
-    [line] = [line for line in server.access_log(since) if line["path"] == path]
+    deadline = time.monotonic() + 10
+    # Wait for this request's own line: the server's start-up /health line may land after `since`.
+    while not (lines := [line for line in server.access_log(since) if line["path"] == path]):
+        assert time.monotonic() < deadline, "no request log line for " + path
+        time.sleep(0.02)
+    [line] = lines
     return line["client"]
 
 
