@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from flask import Flask, Request, Response, current_app, request
+from flask.sessions import SessionInterface
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -78,8 +79,20 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+class _NoSessions(SessionInterface):
+    """This service keeps no session: no signed-cookie set-up on every request."""
+
+    def open_session(self, app: Flask, request: Request) -> None:
+        return None
+
+    def save_session(self, app: Flask, session: Any, response: Response) -> None:
+        return None
+
+
 class TokenSwap(Flask):
     """Flask, with preflight (OPTIONS) answers that are an empty 204 rather than an empty text/html 200."""
+
+    session_interface = _NoSessions()
 
     def make_default_options_response(self) -> Response:
         response = super().make_default_options_response()

@@ -22,8 +22,6 @@ T = TypeVar("T")
 
 # After a storage error, how long to count in this process's memory before trying the storage again.
 STORAGE_RETRY_SECONDS = 5.0
-# Successes are counted with the failure limits' windows under a limit never reached.
-TRACK_RECORD_CEILING = 10**9
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +51,28 @@ def _storage_options(uri: str) -> dict[str, float]:
     if uri.startswith(("redis://", "rediss://", "redis+unix://")):
         return {"socket_connect_timeout": 1, "socket_timeout": 1}
     return {}
+
+
+class _WindowCount:
+    """Counts per key over a fixed window of `seconds`, all reset together when it ends."""
+
+    def __init__(self, seconds: float):
+        self._seconds = seconds
+        self._ends = 0.0
+        self._counts: Counter[str] = Counter()
+
+    def _current(self) -> Counter[str]:
+        now = time.monotonic()
+        if now >= self._ends:
+            self._counts = Counter()
+            self._ends = now + self._seconds
+        return self._counts
+
+    def add(self, key: str) -> None:
+        self._current()[key] += 1
+
+    def get(self, key: str) -> int:
+        return self._current()[key]
 
 
 class Limits:
@@ -85,10 +105,11 @@ class Limits:
             else SlidingWindowCounterRateLimiter(MemoryStorage())
         )
         self._storage_down_until = 0.0
-        # Answered calls per address in this process, over the failure limits' windows: an address
-        # whose calls succeed earns room for more calls in flight (see admit).
-        self._track_record = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self._successes = [type(item)(TRACK_RECORD_CEILING, item.multiples) for item in self._failures]
+        # Successful calls per address in this process, one count per failure limit over a window
+        # as long as the limit's: an address whose calls succeed earns room for more calls in
+        # flight (see admit). Not a limit, so not the limits library's: its memory storage costs
+        # an expiry timer per count, on the path of every successful request.
+        self._successes = [_WindowCount(item.get_expiry()) for item in self._failures]
         # Calls to Spotify in flight, and requests waiting for one to end, by address.
         self._in_flight: Counter[str] = Counter()
         self._waiting: Counter[str] = Counter()
@@ -112,8 +133,8 @@ class Limits:
 
     def count_success(self, address: str) -> None:
         """Count one successful request of this address (never shared: it only sizes admit)."""
-        for item in self._successes:
-            self._track_record.hit(item, address)
+        for successes in self._successes:
+            successes.add(address)
 
     def admit(self, address: str, wait: float) -> None:
         """Before a call to Spotify on behalf of this address: raise Refused, or count it in flight.
@@ -141,8 +162,7 @@ class Limits:
                 stats = self._use(lambda c: c.get_window_stats(item, "failures", address))
                 if stats.remaining <= 0:
                     raise Refused(_retry_after(stats.reset_time), Refused.FAILURES)
-                succeeded = TRACK_RECORD_CEILING - self._track_record.get_window_stats(successes, address).remaining
-                room.append(stats.remaining + succeeded)
+                room.append(stats.remaining + successes.get(address))
             with self._ended:
                 in_flight = self._in_flight[address]
                 if all(in_flight < calls for calls in room):
