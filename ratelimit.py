@@ -137,7 +137,8 @@ class Limits:
             successes.add(address)
 
     def admit(self, address: str, wait: float) -> None:
-        """Before a call to Spotify on behalf of this address: raise Refused, or count it in flight.
+        """Before a call to Spotify on behalf of this address, after check(): raise Refused, or
+        count the call in flight.
 
         Until its answer is known, a call in flight may be a failure. So an address may have as
         many calls in flight (in this process) as it has failures left, plus the calls of its that
@@ -156,6 +157,13 @@ class Limits:
                 raise
 
     def _admit(self, address: str, deadline: float) -> None:
+        with self._ended:
+            in_flight = self._in_flight[address]
+            if all(in_flight < successes.get(address) for successes in self._successes):
+                # Its successes alone make room. check() has just found the address within its
+                # budget, so the failure counts need not be read again (a storage round trip).
+                self._in_flight[address] = in_flight + 1
+                return
         while True:
             room = []
             for item, successes in zip(self._failures, self._successes):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import select
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -149,27 +148,12 @@ def _deadline(seconds: float) -> Any:
     return _gevent.Timeout(seconds, _DeadlinePassed)
 
 
-# The operating system's poll: a zero-timeout poll never blocks, so gevent's cooperative one
-# (which sets up watchers and switches to its hub, about 20 us) buys nothing here.
-_poll = (_gevent.monkey.get_original("select", "poll") if _gevent is not None else select.poll)
-
-
 class _OneWrite:
     """Sends a request's head and its body in one write on an open connection.
 
     http.client writes them separately: two packets, two wakeups of the peer. A wakeup is the
     dearest part of a loopback or VM network send, and each TLS write is a record of its own.
-    Also: the check, before each reuse, that the peer has not closed the connection, made with
-    the operating system's poll.
     """
-
-    @property
-    def is_connected(self) -> bool:
-        if self.sock is None:
-            return False
-        poller = _poll()
-        poller.register(self.sock, select.POLLIN)
-        return not poller.poll(0)  # readable while idle: closed by the peer (or junk sent)
 
     _hold_head = False
     _held = b""
