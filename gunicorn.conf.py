@@ -60,7 +60,7 @@ from gunicorn import glogging, util  # noqa: E402
 from gunicorn.http import wsgi  # noqa: E402
 
 # A query string may hold a code or a token (a client that put its fields in the URL).
-_QUERY = re.compile(r"\?[^\s'\"]*")
+_QUERY = re.compile(r"\?\S*")  # to the next space: quotes may be part of the query
 
 
 def _quoted(value: object) -> object:

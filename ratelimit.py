@@ -54,35 +54,44 @@ def _storage_options(uri: str) -> dict[str, float]:
 
 
 class _WindowCount:
-    """Counts per key over a fixed window of `seconds`, all reset together when it ends."""
+    """Counts per key over the current window of `seconds` and the one before it.
+
+    Keeping the previous window means no key's count drops to zero at a window's end, when a
+    busy address would otherwise lose its room all at once.
+    """
 
     def __init__(self, seconds: float):
         self._seconds = seconds
         self._ends = 0.0
         self._counts: Counter[str] = Counter()
+        self._previous: Counter[str] = Counter()
 
-    def _current(self) -> Counter[str]:
+    def _roll(self) -> None:
         now = time.monotonic()
         if now >= self._ends:
+            # Only a window that has just ended counts as the previous one.
+            self._previous = self._counts if now < self._ends + self._seconds else Counter()
             self._counts = Counter()
             self._ends = now + self._seconds
-        return self._counts
 
     def add(self, key: str) -> None:
-        self._current()[key] += 1
+        self._roll()
+        self._counts[key] += 1
 
     def get(self, key: str) -> int:
-        return self._current()[key]
+        self._roll()
+        return self._counts[key] + self._previous[key]
 
 
 class Limits:
     """The failure budget of each client address, and the deployment's ceiling on calls to Spotify.
 
     A failure is counted once its answer is known (`count_failure`). Before that, `check` refuses
-    an address whose budget is spent, and `admit` keeps an address that has spent half of it from
-    having more calls to Spotify in flight (in this process) than it has failures left, so a burst
-    of concurrent junk cannot all reach Spotify before the first failure is counted. An address
-    without failures is never held back: thousands of real users can share one address.
+    an address whose budget is spent, and `admit` keeps an address from having more calls to
+    Spotify in flight (in this process) than it has failures left plus successes in the window
+    (`count_success`), so a burst of concurrent junk cannot all reach Spotify before the first
+    failure is counted, while an address whose calls succeed is not held back: thousands of real
+    users can share one address.
     """
 
     def __init__(
@@ -152,7 +161,7 @@ class Limits:
         if self._ceilings:
             try:
                 self._spend_ceiling()
-            except Refused:
+            except BaseException:  # Refused, or the greenlet killed while asking the storage
                 self.release(address)
                 raise
 
@@ -216,9 +225,15 @@ class Limits:
     def _use(self, operation: Callable[[SlidingWindowCounterRateLimiter], T]) -> T:
         if self._fallback is None:
             return operation(self._counter)
-        if time.monotonic() >= self._storage_down_until:
+        now = time.monotonic()
+        if now >= self._storage_down_until:
+            # After an outage, one request at a time tries the storage again; the others keep
+            # counting in memory rather than each waiting out a connect timeout.
+            probing = self._storage_down_until > 0
+            if probing:
+                self._storage_down_until = now + STORAGE_RETRY_SECONDS
             try:
-                return operation(self._counter)
+                result = operation(self._counter)
             except Exception as err:
                 self._storage_down_until = time.monotonic() + STORAGE_RETRY_SECONDS
                 # The error's type and text (host and port, never a password), no traceback.
@@ -227,4 +242,8 @@ class Limits:
                     "for the next %.0f s",
                     type(err).__name__, err, STORAGE_RETRY_SECONDS,
                 )
+            else:
+                if probing:
+                    self._storage_down_until = 0.0
+                return result
         return operation(self._fallback)

@@ -521,12 +521,18 @@ def test_the_request_log_cannot_be_forged_nor_shows_a_query_string_gunicorn_refu
     token = SEALER.seal(unique("AQ"))
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         # A request line gunicorn refuses (a raw byte above 0x7f) is logged by gunicorn itself.
-        sock.sendall(b"POST /refresh?refresh_token=" + token.encode() + b"&x=\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+        # A quote in the query must not end the redaction early (gunicorn logs the line with repr).
+        sock.sendall(b"POST /refresh?x='&refresh_token=" + token.encode() + b"&x=\xff HTTP/1.1\r\nHost: x\r\n\r\n")
         while sock.recv(65536):
             pass
+    deadline = time.monotonic() + 10
+    while "Invalid request from ip=" not in (output := server.output()[since:]):
+        assert time.monotonic() < deadline, "gunicorn logged no warning for the request line it refused"
+        time.sleep(0.05)
     server.wait_for_access_log(1, since)
-    time.sleep(0.3)
     output = server.output()[since:]
+    [warning] = [line for line in output.splitlines() if "Invalid request from ip=" in line]
+    assert "/refresh?..." in warning  # the line is there, its query string is not
     assert not any(line.startswith("6.6.6.6") for line in output.splitlines())
     assert "\\n6.6.6.6" in output  # the newline is written escaped, on the one line
     assert token not in output

@@ -22,6 +22,7 @@ import requests
 import responses
 from flask.testing import FlaskClient
 
+import ratelimit
 from app import create_app
 from crypto import TokenSealer
 from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL, server_env
@@ -299,7 +300,7 @@ def test_an_address_whose_calls_succeed_is_not_held_back():
     """Thousands of users behind one carrier NAT: their successes make room for as many calls at once."""
     app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "5/hour"})
     burst = 20
-    tokens = slow_answer(200, json.dumps(TOKENS), 0.3)
+    tokens = slow_answer(200, json.dumps(TOKENS), 1.0)  # long enough for all 20 threads to overlap
     with responses.RequestsMock() as spotify:
         spotify.add(responses.POST, TOKEN_URL, json=TOKENS)
         for n in range(burst - 5):
@@ -313,23 +314,43 @@ def test_an_address_whose_calls_succeed_is_not_held_back():
 def test_a_request_that_cannot_get_a_turn_within_spotify_timeout_is_503():
     app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "2/hour", "SPOTIFY_TIMEOUT": "0.3"})
     assert fail_once(app.test_client(), "invalid_request").status_code == 400
-    start = threading.Barrier(2)
+    in_flight, done = threading.Event(), threading.Event()
 
-    def user(n: int):
-        client = app.test_client()
-        start.wait()
-        time.sleep(0.1 * n)  # the second one finds the first in flight
-        return client.post("/swap", data={"code": f"user-{n}"})
+    def slow_tokens(_request):
+        in_flight.set()
+        done.wait(10)
+        return 200, {}, json.dumps(TOKENS)
 
     with responses.RequestsMock() as spotify:
-        spotify.add_callback(responses.POST, TOKEN_URL, callback=slow_answer(200, json.dumps(TOKENS), 1.0))
-        with ThreadPoolExecutor(2) as pool:
-            first, second = pool.map(user, range(2))
+        spotify.add_callback(responses.POST, TOKEN_URL, callback=slow_tokens)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(lambda: app.test_client().post("/swap", data={"code": "first"}))
+            assert in_flight.wait(10)
+            # One failure left and one call in flight: no room until it ends, which it does not in 0.3 s.
+            second = app.test_client().post("/swap", data={"code": "second"})
+            done.set()
+            assert first.result().status_code == 200
         assert len(spotify.calls) == 1
-    assert first.status_code == 200
     assert second.status_code == 503
     assert second.get_json()["error"] == "temporarily_unavailable"
     assert second.headers["Retry-After"] == "1"
+
+
+def test_successes_count_over_the_current_and_the_previous_window(monkeypatch):
+    """A busy address keeps its earned room across a window's end instead of losing it all at once."""
+    now = [1000.0]
+    monkeypatch.setattr(ratelimit.time, "monotonic", lambda: now[0])
+    count = ratelimit._WindowCount(60)
+    for _ in range(3):
+        count.add("203.0.113.7")
+    now[0] += 61  # the next window: the three are the previous one's
+    count.add("203.0.113.7")
+    assert count.get("203.0.113.7") == 4
+    assert count.get("198.51.100.1") == 0
+    now[0] += 60  # one more: only the single success of the last window remains
+    assert count.get("203.0.113.7") == 1
+    now[0] += 200  # long idle: nothing is "previous" any more
+    assert count.get("203.0.113.7") == 0
 
 
 # -- the ceiling on calls to Spotify ---------------------------------------------------------
