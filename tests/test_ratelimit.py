@@ -126,7 +126,7 @@ def test_past_the_limit_an_address_is_refused_without_calling_spotify():
         swap = client.post("/swap", data={"code": "a-perfectly-good-code"})
         refresh = client.post("/refresh", json={"refresh_token": TokenSealer([SECRET], CLIENT_ID).seal("AQ-x")})
         assert len(spotify.calls) == 0
-    # At most the window, plus the second flask-limiter adds so that a client never comes back early.
+    # At most the window, plus the second by which Retry-After is rounded up, so a client never comes back early.
     assert 0 < assert_rate_limited(swap) <= 3601
     assert 0 < assert_rate_limited(refresh) <= 3601
     assert swap.headers["Cache-Control"] == "no-store"
