@@ -16,14 +16,14 @@ from flask.sessions import SessionInterface
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from config import VARIABLES, Config, ConfigError, generate_secret, load_config
+from config import VARIABLES, Config, ConfigError, connections_per_worker, generate_secret, load_config
 from crypto import InvalidToken, TokenSealer
 from ratelimit import Limits, Refused
 from spotify import AccountsClient, OAuthError
 
 MAX_BODY_BYTES = 64 * 1024
-# Per worker: gunicorn.conf.py's worker_connections, so every waiting request has a pooled connection.
-UPSTREAM_POOL_SIZE = 1000
+# Per worker, as gunicorn.conf.py's worker_connections: every waiting request has a pooled connection.
+UPSTREAM_POOL_SIZE = connections_per_worker()
 SWAP_PATHS = ("/swap", "/api/token")
 REFRESH_PATHS = ("/refresh", "/api/refresh_token")
 CORS_MAX_AGE = 86400

@@ -26,13 +26,39 @@ except ValueError:
           "processes, 1 or more (default 2)\nThe service did not start.", file=sys.stderr, flush=True)
     sys.exit(1)
 
+
+# -- Connection floods: as many open files as the system allows, and a word at start on what ------
+# -- one instance holds (docs/deploy-vm.md). ------------------------------------------------------
+import resource  # noqa: E402
+
+from config import connections_per_worker  # noqa: E402
+
+# Every connection a worker holds is an open file: raise the soft limit to the hard one (what an
+# unprivileged process may), in the master, before the workers inherit it.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft != _hard:
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+    except (ValueError, OSError):  # an unlimited hard limit the kernel caps lower (macOS)
+        pass
+
+
+def when_ready(server) -> None:  # type: ignore[no-untyped-def]
+    """Once listening, in the master: what one instance holds."""
+    cfg, log = server.cfg, server.log
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    log.info("Open-file limit %s: each of the %s workers serves up to %s connections at once",
+             open_files, cfg.workers, cfg.worker_connections)
+
 # Each request spends almost all its time waiting on Spotify: gevent workers keep up to
 # worker_connections of them waiting at once per process, at a few KB each, instead of a thread
 # or process apiece. app.UPSTREAM_POOL_SIZE matches it, so each has a pooled upstream connection.
 # Measured against gthread (2 x 128 threads): 767 vs 443 refreshes/s at 256 clients, and
 # 0.29 vs 0.49 ms of CPU per request for gunicorn's own part.
 worker_class = "gevent"
-worker_connections = 1000
+# A worker whose connections are all taken accepts no more: as many as the open-file limit allows
+# (two files each, the client's and its own to Spotify), so that a flood of idle ones leaves room.
+worker_connections = connections_per_worker()
 
 # SPOTIFY_TIMEOUT is at most 300 s, usually 10; a request never outlives graceful_timeout's wait.
 timeout = 30
