@@ -63,8 +63,11 @@ worker_connections = connections_per_worker()
 # SPOTIFY_TIMEOUT is at most 300 s, usually 10; a request never outlives graceful_timeout's wait.
 timeout = 30
 graceful_timeout = 30
-# Longer than the idle timeout of the common load balancers (60 s), so they close first.
-keepalive = 75
+# How long an idle connection is kept, and, the same timer in gunicorn, how long a client may take
+# to send a request's headers. Longer than the idle timeout of the load balancers in front of the
+# platforms this runs on (Heroku's router 90 s, AWS's 60 s), so they always close first and never
+# send a request on a connection gunicorn is closing (docs/deploy-vm.md).
+keepalive = 95
 
 # gunicorn 27's control socket sits at one fixed path per user: two servers on one machine would
 # fight over it, and a read-only container home cannot hold it. Nothing here uses it.
