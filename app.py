@@ -21,7 +21,15 @@ from crypto import InvalidToken, TokenSealer
 from ratelimit import Limits, Refused
 from spotify import AccountsClient, OAuthError
 
+try:  # the Procfile's workers are gevent's; the service also runs without it (flask run, tests)
+    import gevent
+    import gevent.monkey
+except ImportError:  # pragma: no cover
+    gevent = None
+
 MAX_BODY_BYTES = 64 * 1024
+# A body not all arrived this many seconds after its headers is answered 408, and its connection closed.
+BODY_TIMEOUT = 10
 # Per worker, as gunicorn.conf.py's worker_connections: every waiting request has a pooled connection.
 UPSTREAM_POOL_SIZE = connections_per_worker()
 SWAP_PATHS = ("/swap", "/api/token")
@@ -135,8 +143,28 @@ def _service() -> Service:
     return current_app.extensions["tokenswap"]
 
 
+class _BodyTimedOut(Exception):
+    """The body did not all arrive within BODY_TIMEOUT.
+
+    An Exception, not a BaseException like gevent.Timeout: raised inside gunicorn's body reader, it
+    marks the body as failed, and gunicorn then closes the connection instead of reading on.
+    """
+
+
+def _body_deadline() -> Any:
+    """A started timer that interrupts reading the body after BODY_TIMEOUT seconds, or None.
+
+    Only under gevent's patched sockets (the Procfile's workers): elsewhere (flask run, unit
+    tests) nothing bounds the time a body takes but that server's own socket timeouts.
+    """
+    if gevent is None or not gevent.monkey.is_module_patched("socket"):
+        return None
+    return gevent.Timeout.start_new(BODY_TIMEOUT, _BodyTimedOut)
+
+
 def _read_body() -> bytes:
-    """The whole body, or a client error: too large, shorter than announced, or unreadable."""
+    """The whole body, or a client error: too large, shorter than announced, unreadable, too slow."""
+    deadline = _body_deadline()
     try:
         data = request.get_data()
         # Without a Content-Length (chunked), reading stops at the limit: is there more?
@@ -148,8 +176,15 @@ def _read_body() -> bytes:
             raise RequestEntityTooLarge()
     except HTTPException:
         raise
+    except _BodyTimedOut:
+        raise OAuthError(
+            408, "invalid_request", f"The body did not arrive within {BODY_TIMEOUT} seconds of its headers"
+        ) from None
     except Exception:  # the server's reader refused the body, e.g. a malformed chunk
         raise OAuthError(400, "invalid_request", "The body could not be read") from None
+    finally:
+        if deadline is not None:
+            deadline.close()
     if request.content_length is not None and len(data) < request.content_length:
         # The client went away mid-body: what arrived may be cut anywhere, even inside the code.
         raise OAuthError(400, "invalid_request", "The body is shorter than its Content-Length")
