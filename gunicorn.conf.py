@@ -28,7 +28,7 @@ except ValueError:
 
 
 # -- Connection floods: as many open files as the system allows, and a word at start on what ------
-# -- one instance holds (docs/deploy-vm.md). ------------------------------------------------------
+# -- one instance holds and on counts kept per worker (docs/deploy-vm.md). -------------------------
 import resource  # noqa: E402
 
 from config import connections_per_worker  # noqa: E402
@@ -44,11 +44,24 @@ if _soft != _hard:
 
 
 def when_ready(server) -> None:  # type: ignore[no-untyped-def]
-    """Once listening, in the master: what one instance holds."""
+    """Once listening, in the master: what one instance holds, and limits counted per worker."""
     cfg, log = server.cfg, server.log
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     log.info("Open-file limit %s: each of the %s workers serves up to %s connections at once",
              open_files, cfg.workers, cfg.worker_connections)
+    config = load_config()
+    if cfg.workers > 1 and config.rate_limit_failures and config.rate_limit_storage_uri.startswith("memory://"):
+        from limits import parse_many
+
+        budget = "; ".join(
+            f"{cfg.workers * item.amount} per "
+            + (item.GRANULARITY.name if item.multiples == 1 else f"{item.multiples} {item.GRANULARITY.name}s")
+            for item in parse_many(config.rate_limit_failures)
+        )
+        log.warning("RATE_LIMIT_STORAGE_URI is memory://: each of the %s workers counts failures on its "
+                    "own, so a client's failure budget is up to %s x RATE_LIMIT_FAILURES=%s = %s on each "
+                    "instance. Set RATE_LIMIT_STORAGE_URI to a Redis URL to count them once.",
+                    cfg.workers, cfg.workers, config.rate_limit_failures, budget)
 
 # Each request spends almost all its time waiting on Spotify: gevent workers keep up to
 # worker_connections of them waiting at once per process, at a few KB each, instead of a thread

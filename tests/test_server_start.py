@@ -1,8 +1,10 @@
-"""What the Procfile's server does and says at start: the open-file limit raised, what each worker holds."""
+"""What the Procfile's server does and says at start: the open-file limit raised, what each worker holds,
+and a warning when failures are counted per worker."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,9 @@ import pytest
 import app
 from config import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES, connections_per_worker
 from tests.conftest import server_env
-from tests.server import Server
+from tests.server import Server, free_port
+
+WARNING = re.compile(r"\[WARNING\] RATE_LIMIT_STORAGE_URI is memory://.*")
 
 
 @pytest.mark.parametrize(
@@ -66,3 +70,38 @@ def test_the_server_raises_its_open_file_limit_and_sizes_its_workers_to_it(fake_
     per_worker = min(MAX_CONNECTIONS_PER_WORKER, (hard - OTHER_OPEN_FILES) // 2)
     assert f"Open-file limit {hard}: each of the 2 workers serves up to {per_worker} connections at once" in output
     assert "[WARNING]" not in output
+
+
+def warnings_at_start(fake_url: str, **env: str) -> list[str]:
+    with Server(server_env(fake_url, **env)) as server:
+        return WARNING.findall(server.output())
+
+
+def test_memory_storage_with_two_workers_counting_failures_warns_with_the_budget_a_client_gets(fake_accounts):
+    [warning] = warnings_at_start(fake_accounts.url, RATE_LIMIT_FAILURES="60/minute")
+    assert warning.endswith(
+        "RATE_LIMIT_STORAGE_URI is memory://: each of the 2 workers counts failures on its own, so a client's "
+        "failure budget is up to 2 x RATE_LIMIT_FAILURES=60/minute = 120 per minute on each instance. "
+        "Set RATE_LIMIT_STORAGE_URI to a Redis URL to count them once."
+    )
+
+
+def test_the_warning_names_every_window_of_the_failure_limit(fake_accounts):
+    [warning] = warnings_at_start(fake_accounts.url, WEB_CONCURRENCY="3", RATE_LIMIT_FAILURES="5/second;100 per 2 hours")
+    assert "each of the 3 workers" in warning
+    assert "up to 3 x RATE_LIMIT_FAILURES=5/second;100 per 2 hours = 15 per second; 300 per 2 hours on" in warning
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"RATE_LIMIT_FAILURES": "60/minute", "WEB_CONCURRENCY": "1"},
+        {"RATE_LIMIT_FAILURES": "off"},
+        # Redis counts once for every worker (none needs to listen for the server to start).
+        {"RATE_LIMIT_FAILURES": "60/minute", "RATE_LIMIT_STORAGE_URI": "redis://127.0.0.1:{port}"},
+    ],
+    ids=["one-worker", "no-failure-limit", "redis"],
+)
+def test_no_warning_when_failures_are_counted_once_or_not_at_all(fake_accounts, env):
+    env = {name: value.format(port=free_port()) for name, value in env.items()}
+    assert warnings_at_start(fake_accounts.url, **env) == []
