@@ -1,0 +1,146 @@
+"""Run the repository's deploy/nginx.conf on loopback, in front of a server under test, for tests and benchmarks.
+
+The file run is the shipped one: only its listen lines (to free 127.0.0.1 ports, with a plain-HTTP
+listener beside the TLS one), its certificate (a fresh self-signed one), its pid and log paths (a
+temporary directory) and its upstream's port change. Each of those lines must appear exactly once,
+so the file cannot change shape without this noticing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from tests.fake_accounts import make_certificate
+from tests.server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "deploy" / "nginx.conf"
+
+
+def nginx_binary() -> str:
+    """Where nginx is (Debian puts it in /usr/sbin, not on every user's PATH)."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise RuntimeError("nginx is not installed: apt-get install nginx (.ci/run does)")
+    return found
+
+
+def loopback_config(text: str, *, tls_port: int, plain_port: int, http_port: int, upstream_port: int,
+                    directory: str, cert: str, key: str) -> str:
+    """deploy/nginx.conf with its listen, certificate, pid and log lines and its upstream moved to loopback."""
+    by_line = {
+        "listen 443 ssl;": [f"listen 127.0.0.1:{tls_port} ssl;", f"listen 127.0.0.1:{plain_port};"],
+        "listen [::]:443 ssl;": [],
+        "listen 80;": [f"listen 127.0.0.1:{http_port};"],
+        "listen [::]:80;": [],
+        "server 127.0.0.1:8000;": [f"server 127.0.0.1:{upstream_port};"],
+        "ssl_certificate /etc/letsencrypt/live/tokens.example.com/fullchain.pem;": [f"ssl_certificate {cert};"],
+        "ssl_certificate_key /etc/letsencrypt/live/tokens.example.com/privkey.pem;": [f"ssl_certificate_key {key};"],
+        "pid /run/nginx.pid;": [f"pid {directory}/nginx.pid;"],
+        "error_log /var/log/nginx/error.log crit;": [f"error_log {directory}/error.log crit;"],
+        "access_log /var/log/nginx/access.log tokenswap;": [f"access_log {directory}/access.log tokenswap;"],
+    }
+    seen = dict.fromkeys(by_line, 0)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped in by_line:
+            seen[stripped] += 1
+            indent = line[: len(line) - len(line.lstrip())]
+            lines += [indent + new for new in by_line[stripped]]
+        else:
+            lines.append(line)
+    wrong = {line: count for line, count in seen.items() if count != 1}
+    if wrong:
+        raise ValueError(f"{CONFIG} should have each of these lines once: {wrong}")
+    return "\n".join(lines) + "\n"
+
+
+class Nginx:
+    """deploy/nginx.conf as a real nginx process on loopback, in front of 127.0.0.1:upstream_port."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.tls_port, self.plain_port, self.http_port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.plain_port}"
+        self.tls_url = f"https://127.0.0.1:{self.tls_port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.process: subprocess.Popen | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="tokenswap-nginx-")
+        self.directory = self._tmp.name
+        # nginx started as root runs its workers as the file's user (www-data): they must reach it.
+        os.chmod(self.directory, 0o755)
+        self.cert, key = make_certificate(self.directory)
+        self.config = os.path.join(self.directory, "nginx.conf")
+        Path(self.config).write_text(loopback_config(
+            CONFIG.read_text(), tls_port=self.tls_port, plain_port=self.plain_port, http_port=self.http_port,
+            upstream_port=upstream_port, directory=self.directory, cert=self.cert, key=key,
+        ))
+
+    def start(self, timeout: float = 20) -> "Nginx":
+        with open(os.path.join(self.directory, "stderr.log"), "ab") as stderr:
+            self.process = subprocess.Popen(
+                [nginx_binary(), "-p", self.directory, "-c", self.config,
+                 "-e", os.path.join(self.directory, "error.log"), "-g", "daemon off;"],
+                stdout=stderr, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.errors()}")
+            try:  # through to the server behind it: both are up
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"nginx not ready after {timeout}s:\n{self.errors()}")
+
+    def errors(self) -> str:
+        """nginx's own output and error log."""
+        return "".join(
+            Path(self.directory, name).read_text(errors="replace")
+            for name in ("stderr.log", "error.log") if Path(self.directory, name).exists()
+        )
+
+    def access_log(self) -> list[str]:
+        path = Path(self.directory, "access.log")
+        return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+    def pids(self) -> list[int]:
+        """The master and its workers."""
+        pids = [self.process.pid]
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        return pids
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # fast shutdown: open connections are closed
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "Nginx":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            self._tmp.cleanup()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self._tmp.cleanup()

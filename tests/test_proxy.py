@@ -1,0 +1,127 @@
+"""The plain-VM recipe, tested: deploy/nginx.conf on loopback in front of the Procfile's server.
+
+Each client keeps its own failure budget (TRUSTED_PROXIES=1), one address keeps at most 100
+requests in progress, TLS and the redirect to it work, nginx's own errors are JSON.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import selectors
+import socket
+import time
+
+import pytest
+import requests
+
+from tests.conftest import server_env
+from tests.nginx import Nginx
+from tests.server import Server
+
+BUDGET = 5  # RATE_LIMIT_FAILURES per minute, for the budget test
+PER_ADDRESS = 100  # deploy/nginx.conf's limit_conn per_client
+# A complete head, then a body that never ends.
+SLOW_BODY = (b"POST /swap HTTP/1.1\r\nHost: flood\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+             b"Content-Length: 1000\r\n\r\ncode=")
+
+
+@pytest.fixture(scope="module")
+def proxied(fake_accounts):
+    """gunicorn (one worker, so that one in-memory count is the whole budget) behind nginx."""
+    env = server_env(fake_accounts.url, TRUSTED_PROXIES="1", RATE_LIMIT_FAILURES=f"{BUDGET}/minute",
+                     WEB_CONCURRENCY="1")
+    with Server(env) as server, Nginx(server.port) as nginx:
+        yield server, nginx
+
+
+def request_from(source: str, port: int, method: str, path: str, body: str | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+    """One request on a new connection from a loopback address: (status, headers, JSON body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        connection.request(method, path, body, {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+        response = connection.getresponse()
+        assert response.getheader("Content-Type") == "application/json"
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def junk_refresh(source: str, port: int, **headers: str) -> tuple[int, str]:
+    status, _, body = request_from(source, port, "POST", "/refresh", "refresh_token=not-a-sealed-token", headers)
+    return status, body["error"]
+
+
+def test_the_failure_budget_applies_to_each_client_behind_the_proxy(proxied):
+    server, nginx = proxied
+    since = len(server.output())
+    assert [junk_refresh("127.0.0.4", nginx.plain_port) for _ in range(BUDGET)] == [(400, "invalid_grant")] * BUDGET
+    assert junk_refresh("127.0.0.4", nginx.plain_port) == (429, "rate_limited")
+    # Another client behind the same proxy still has its own budget.
+    assert junk_refresh("127.0.0.5", nginx.plain_port) == (400, "invalid_grant")
+    # A client cannot spend another's budget by naming it: nginx replaces X-Forwarded-For.
+    for _ in range(BUDGET):
+        junk_refresh("127.0.0.6", nginx.plain_port, **{"X-Forwarded-For": "127.0.0.7"})
+    assert junk_refresh("127.0.0.6", nginx.plain_port) == (429, "rate_limited")
+    assert junk_refresh("127.0.0.7", nginx.plain_port) == (400, "invalid_grant")
+
+    lines = server.wait_for_access_log(2 * BUDGET + 4, since)
+    clients = {line["client"] for line in lines if line["path"] == "/refresh"}
+    assert clients == {"127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7"}
+
+
+def test_tls_and_the_redirect_to_it_work_as_shipped(proxied):
+    server, nginx = proxied
+    response = requests.get(nginx.tls_url + "/health", verify=nginx.cert, timeout=10)
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    redirect = requests.post(nginx.http_url + "/swap", data={"code": "x"}, allow_redirects=False, timeout=10)
+    assert (redirect.status_code, redirect.headers["Location"]) == (301, "https://127.0.0.1/swap")
+
+
+def test_nginx_answers_its_own_errors_in_json(proxied):
+    server, nginx = proxied
+    status, _, body = request_from("127.0.0.8", nginx.plain_port, "POST", "/swap", "code=" + "x" * 70_000)
+    assert (status, body["error"]) == (413, "invalid_request")
+    with socket.create_connection(("127.0.0.1", nginx.plain_port), timeout=10) as sock:
+        sock.sendall(b"NOT A REQUEST\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nContent-Type: application/json\r\n" in head
+    assert json.loads(body)["error"] == "invalid_request"
+
+
+def test_one_address_keeps_at_most_100_requests_in_progress(proxied):
+    """Slow bodies count against their address once their head is in; past the limit, 429 JSON at once."""
+    server, nginx = proxied
+    source, extra = "127.0.0.9", 10
+    held = [socket.create_connection(("127.0.0.1", nginx.plain_port), timeout=10, source_address=(source, 0))
+            for _ in range(PER_ADDRESS + extra)]
+    try:
+        with selectors.DefaultSelector() as selector:
+            for sock in held:
+                sock.sendall(SLOW_BODY)
+                selector.register(sock, selectors.EVENT_READ)
+            answers: dict[socket.socket, bytes] = {}
+            deadline = time.monotonic() + 10
+            while len(answers) < extra and time.monotonic() < deadline:
+                for key, _ in selector.select(0.5):
+                    selector.unregister(key.fileobj)
+                    answers[key.fileobj] = key.fileobj.recv(65536)
+        assert len(answers) == extra
+        for answer in answers.values():
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 429 ") and b"\r\nRetry-After: 1\r\n" in head + b"\r\n", answer
+            assert json.loads(body)["error"] == "rate_limited"
+        # With 100 still in progress, even a quick request from that address waits its turn; others do not.
+        assert request_from(source, nginx.plain_port, "GET", "/health")[0] == 429
+        assert request_from("127.0.0.2", nginx.plain_port, "GET", "/health")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while request_from(source, nginx.plain_port, "GET", "/health")[0] != 200:
+        assert time.monotonic() < deadline, "the address stayed limited after its requests ended"
+        time.sleep(0.05)
