@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 from tests.fake_accounts import make_certificate
-from tests.server import free_port
+from tests.server import free_port, with_children
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "nginx.conf"
@@ -111,17 +111,9 @@ class Nginx:
             for name in ("stderr.log", "error.log") if Path(self.directory, name).exists()
         )
 
-    def access_log(self) -> list[str]:
-        path = Path(self.directory, "access.log")
-        return path.read_text(errors="replace").splitlines() if path.exists() else []
-
     def pids(self) -> list[int]:
         """The master and its workers."""
-        pids = [self.process.pid]
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        if children.exists():
-            pids += [int(p) for p in children.read_text().split()]
-        return pids
+        return with_children(self.process.pid)
 
     def stop(self, timeout: float = 10) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -123,11 +123,7 @@ class Server:
 
     def pids(self) -> list[int]:
         """The gunicorn master and its workers."""
-        pids = [self.process.pid]
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        if children.exists():
-            pids += [int(p) for p in children.read_text().split()]
-        return pids
+        return with_children(self.process.pid)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
         if self.process is None or self.process.poll() is not None:
@@ -149,6 +145,15 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.stop()
         os.unlink(self._log.name)
+
+
+def with_children(pid: int) -> list[int]:
+    """A process and its children (a server's master and workers), from /proc."""
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    return pids
 
 
 def run_until_exit(env: dict[str, str], timeout: float = 20) -> tuple[int, str]:
