@@ -1,7 +1,7 @@
 """The plain-VM recipe, tested: deploy/nginx.conf on loopback in front of the Procfile's server.
 
-Each client keeps its own failure budget (TRUSTED_PROXIES=1), one address keeps at most 100
-requests in progress, TLS and the redirect to it work, nginx's own errors are JSON.
+Only complete requests reach gunicorn, a flood of slow connections leaves others served within a
+second, each client keeps its own failure budget (TRUSTED_PROXIES=1), nginx's own errors are JSON.
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ import time
 import pytest
 import requests
 
+from bench.flood import SLOW_BODY, raise_open_file_limit, run_flood
 from tests.conftest import server_env
 from tests.nginx import Nginx
 from tests.server import Server
 
 BUDGET = 5  # RATE_LIMIT_FAILURES per minute, for the budget test
 PER_ADDRESS = 100  # deploy/nginx.conf's limit_conn per_client
-# A complete head, then a body that never ends.
-SLOW_BODY = (b"POST /swap HTTP/1.1\r\nHost: flood\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-             b"Content-Length: 1000\r\n\r\ncode=")
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +123,22 @@ def test_one_address_keeps_at_most_100_requests_in_progress(proxied):
     while request_from(source, nginx.plain_port, "GET", "/health")[0] != 200:
         assert time.monotonic() < deadline, "the address stayed limited after its requests ended"
         time.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_a_flood_of_slow_connections_never_reaches_gunicorn_and_others_are_served_within_a_second():
+    """3,000 idle, slow-header and slow-body connections from 20 addresses for 20 s, reopened as nginx
+    closes them; /health and swaps from 127.0.0.2 through the proxy throughout."""
+    if raise_open_file_limit() < 8_000:
+        pytest.fail("this test opens thousands of sockets: raise the hard open-file limit (ulimit -Hn)")
+    result = run_flood(proxy=True, idle=1000, heads=1000, bodies=1000, sources=20, duration=20)
+    print(result.summary())
+
+    assert result.problems() == []
+    assert result.reached_gunicorn == 0
+    assert max(p.seconds for p in result.probes) < 1.0 and len(result.probes) >= 30
+    # nginx closed idle connections and unfinished heads after client_header_timeout (10 s), and
+    # they came back; the slow bodies, each under 100 per address, it kept reading.
+    assert result.closed_by_server["idle"] >= 1000 and result.closed_by_server["head"] >= 1000
+    assert "body" not in result.closed_by_server
+    assert result.flood_open_min >= 2900
