@@ -15,6 +15,7 @@ from flask import Flask, Response, current_app, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+import check
 import ratelimit
 import spotify
 from config import VARIABLES, Config, ConfigError, generate_secret, load_config
@@ -421,11 +422,9 @@ def _register_cli(app: Flask) -> None:
         click.echo(generate_secret())
 
     @app.cli.command("check")
-    def check() -> None:
+    def check_deployment() -> None:
         """Check this deployment for real: configuration, Spotify credentials, rate-limit storage."""
-        import check as checks
-
-        if not checks.report(os.environ, click.echo):
+        if not check.report(os.environ, click.echo):
             raise SystemExit(1)
 
 
