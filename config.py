@@ -24,7 +24,7 @@ VARIABLES: dict[str, str] = {
     "CORS_ORIGINS": "Browser origins allowed to call the service, comma-separated, or * (default: none)",
     "TRUSTED_PROXIES": "How many proxies in front of the service set X-Forwarded-For/-Proto (default 0)",
     "RATE_LIMIT_FAILURES": "Failed (4xx) requests allowed per client address, e.g. 60/minute; 0 or off disables (default 60/minute)",
-    "RATE_LIMIT_PER_TOKEN": "Refreshes allowed per refresh token, e.g. 10/minute; 0 or off disables (default 10/minute)",
+    "RATE_LIMIT_PER_TOKEN": "Refreshes allowed per refresh token, e.g. 5/minute; 0 or off disables (default 5/minute)",
     "SPOTIFY_MAX_RATE": "Ceiling on calls forwarded to Spotify by this deployment, e.g. 50/second (default: none)",
     "RATE_LIMIT_STORAGE_URI": "Where rate-limit counts live: memory:// or redis://host:port (default memory://)",
 }
@@ -63,7 +63,7 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: int = 0
     rate_limit_failures: str | None = "60/minute"
-    rate_limit_per_token: str | None = "10/minute"
+    rate_limit_per_token: str | None = "5/minute"
     spotify_max_rate: str | None = None
     rate_limit_storage_uri: str = "memory://"
 

@@ -136,7 +136,9 @@ def canonical_address(spelling: str) -> str | None:
     """
     text = spelling.strip()
     if text.startswith("["):
-        text = text[1:].partition("]")[0]
+        text, bracket, _ = text[1:].partition("]")
+        if not bracket:
+            return None
     elif text.count(":") == 1:  # IPv4 with a port
         text = text.partition(":")[0]
     text = text.partition("%")[0]
