@@ -22,9 +22,8 @@ ACCESS_LINE = re.compile(
 )
 
 
-# A requests Response keeps its socket open as long as it lives, and an idle keep-alive connection
-# holds a gevent worker at SIGTERM for the whole graceful_timeout (30 s). Tests that stop a server
-# while their responses are still around send this, so the server closes each connection itself.
+# A requests Response keeps its socket open as long as it lives. Tests send this so that the server
+# closes each connection itself and no socket is left to the garbage collector's ResourceWarning.
 CLOSE = {"Connection": "close"}
 
 
