@@ -446,7 +446,8 @@ def _install_cors_and_proxies(app: Flask, config: Config) -> None:
             resources={r"/.*": {}},
             origins="*" if "*" in config.cors_origins else list(config.cors_origins),
             methods=["GET", "POST"],
-            allow_headers=["Content-Type"],
+            # OAuth libraries in the browser may send their client id as Basic auth: accepted, ignored.
+            allow_headers=["Content-Type", "Authorization"],
             expose_headers=["Retry-After"],
             max_age=CORS_MAX_AGE,
             always_send=False,

@@ -136,6 +136,16 @@ def test_library_fields_and_basic_auth_are_accepted_and_never_forwarded(client, 
     assert len(spotify.calls) == 2
 
 
+def test_browser_oauth_libraries_may_send_basic_auth_cross_origin(make_client, spotify):
+    client = make_client(CORS_ORIGINS="https://app.example.com")
+    response = client.options("/api/token", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    })
+    assert response.status_code == 204
+    assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
+
+
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_client_id_of_another_app_is_invalid_client(client, spotify, path):
     body = assert_error(
