@@ -3,6 +3,7 @@ endpoint; a wrong client secret is the server's problem; `flask --app app check`
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def swap_then_refresh_three_times(client, server: Server, code: str, first: dict
 def test_authlib_swaps_then_refreshes_at_the_token_url(server, fake):
     code = f"authlib-{uuid.uuid4().hex}"
     token_url = server.url + "/api/token"
-    # authlib's defaults: client_secret_basic (Basic with an empty secret), client_id in the body too.
+    # authlib without a client secret sends client_id in the body (no Basic header).
     with AuthlibSession(CLIENT_ID, redirect_uri=CALLBACK, token_endpoint=token_url, headers=CLOSE) as client:
         swap_then_refresh_three_times(client, server, code, client.fetch_token(token_url, code=code))
     assert_spotify_got_only_the_grants(fake, code)
@@ -104,6 +105,23 @@ def test_requests_oauthlib_auto_refresh_url(server, fake, monkeypatch):
     assert refreshed["access_token"] != first["access_token"]
     assert_holds(refreshed, code)
     client.close()
+
+
+def test_node_simple_oauth2_swaps_then_refreshes_and_never_loses_its_refresh_token(server, fake):
+    """simple-oauth2 copies refresh_token from every answer: without one, its next refresh sent it empty."""
+    code = f"simple-oauth2-{uuid.uuid4().hex}"
+    node = ROOT / "tests" / "node"
+    result = subprocess.run(
+        ["node", str(node / "simple_oauth2.js"), server.url, CLIENT_ID, code, CALLBACK],
+        cwd=node, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    held = json.loads(result.stdout)
+    assert len(held) == 4
+    for token in held:
+        assert_holds(token, code)
+    assert len({token["access_token"] for token in held}) == 4
+    assert_spotify_got_only_the_grants(fake, code)
 
 
 def test_a_wrong_client_secret_is_the_servers_problem(fake_accounts):
