@@ -81,7 +81,7 @@ class AccountsClient:
         session.trust_env = False
         self._session = session
         # Session.request would redo this on every call (merging headers, auth, cookies and
-        # proxies: about 300 us of a 1 ms budget): each call copies the prepared headers, sets
+        # proxies; its cost is in bench/README.md): each call copies the prepared headers, sets
         # the body and goes straight to the session's pooled adapter.
         self._headers = session.prepare_request(requests.Request("POST", self.token_url)).headers
         self._headers["Content-Type"] = "application/x-www-form-urlencoded"
