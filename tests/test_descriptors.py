@@ -7,6 +7,7 @@ import base64
 import contextlib
 import dataclasses
 import fnmatch
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -466,6 +468,125 @@ def test_readme_documents_every_route(app):
     text = readme()
     for path in paths:
         assert f"`POST {path}`" in text or f"`GET {path}`" in text, path
+
+
+
+# --- README.md is a quick start, docs/ beside it, every link lands -------------------------------
+
+DOCS = ROOT / "docs"
+MAX_README_LINES = 250
+# What a newcomer types to run the service: the development server, a make target, or the Procfile's command.
+RUN_COMMAND = re.compile(r"^\s*(flask --app app run|make run)\b", re.M)
+MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# A throughput, latency or CPU figure: those live in bench/README.md only.
+PERFORMANCE_FIGURE = re.compile(
+    r"\d[\d.,-]*\s*(?:req/s|requests?/s|refreshes/s|requests per second|µs|us\b|ms of CPU|MB per worker)"
+    r"|\bp(?:50|90|99)\b",
+    re.I,
+)
+
+
+def markdown_files() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def without_code_blocks(path: Path) -> str:
+    """A Markdown file without its fenced and indented code blocks."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    return re.sub(r"^(?: {4}|\t).*$", "", text, flags=re.M)
+
+
+def prose(path: Path) -> str:
+    """A Markdown file without any code: blocks and inline code spans."""
+    return re.sub(r"`[^`\n]*`", "", without_code_blocks(path))
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for a file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {
+        re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        for title in re.findall(r"^#{1,6} (.+)$", without_code_blocks(path), re.M)
+    }
+
+
+def relative_links(path: Path) -> list[str]:
+    return [target for target in MARKDOWN_LINK.findall(prose(path)) if not re.match(r"[a-z]+:", target)]
+
+
+def test_readme_is_a_quick_start():
+    lines = readme().splitlines()
+    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines; move the details to docs/"
+    assert "## Quick start" in lines[:20]
+    first_run = RUN_COMMAND.search(readme())
+    assert first_run, "README.md shows no command that runs the service"
+    line = readme()[: first_run.start()].count("\n") + 1
+    assert line <= 40, f"a newcomer reads {line} lines before the command that runs the service"
+
+
+def test_every_doc_is_linked_from_the_readme():
+    linked = {(ROOT / target.split("#")[0]).resolve() for target in relative_links(ROOT / "README.md")}
+    docs = set(DOCS.glob("*.md"))
+    assert docs, "docs/ is empty"
+    for doc in docs:
+        assert doc.resolve() in linked, f"{doc.name} is not linked from README.md"
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda path: str(path.relative_to(ROOT)))
+def test_relative_links_resolve(path):
+    for target in relative_links(path):
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        assert linked.exists(), f"{path.name} links to {target}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in heading_anchors(linked), f"{path.name} links to {target}: no such heading"
+
+
+def test_relative_link_check_sees_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\nSee [a](missing.md), [b](#title), [c](#nowhere), `[d](in-code.md)`.\n")
+    assert relative_links(page) == ["missing.md", "#title", "#nowhere"]
+    assert heading_anchors(page) == {"title"}
+    assert heading_anchors(ROOT / "docs" / "operations.md") >= {"behind-a-proxy-trusted_proxies"}
+
+
+def test_performance_figures_live_in_bench_readme_only():
+    texts = {path: path.read_text() for path in markdown_files() if path.parent.name != "bench"}
+    for module in sorted(ROOT.glob("*.py")):
+        tokens = tokenize.generate_tokens(io.StringIO(module.read_text()).readline)
+        comments = [token.string for token in tokens if token.type == tokenize.COMMENT]
+        docstrings = [
+            ast.get_docstring(node) or ""
+            for node in ast.walk(ast.parse(module.read_text()))
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        texts[module] = "\n".join(comments + docstrings)
+    assert PERFORMANCE_FIGURE.search("two reach 770-940 refreshes/s, 0.29 ms of CPU"), "the pattern finds figures"
+    for path, text in texts.items():
+        found = PERFORMANCE_FIGURE.search(text)
+        assert not found, f"{path.relative_to(ROOT)}: {found.group(0)!r}; figures belong in bench/README.md"
+    assert PERFORMANCE_FIGURE.search((ROOT / "bench" / "README.md").read_text())
+
+
+def test_the_token_diagram_has_one_copy():
+    border = re.compile(r"^\s*\+-+\+-+\+", re.M)
+    places = [ROOT / "README.md", *DOCS.glob("*.md"), *ROOT.glob("*.py"), ROOT / "bench" / "README.md"]
+    holders = [path.relative_to(ROOT).as_posix() for path in places if border.search(path.read_text())]
+    assert holders == ["docs/token-format.md"]
+
+
+def test_dependencies_table_names_each_direct_runtime_requirement():
+    direct = []
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if not line.strip() and direct:
+            break  # the pins below the first blank line are what these pull in
+        if line.strip() and not line.startswith("#"):
+            direct.append(line.split("==")[0].lower())
+    decisions = (DOCS / "decisions.md").read_text()
+    section = re.search(r"^## Dependencies\n(.*?)(?=^## |\Z)", decisions, re.M | re.S)
+    assert section, "docs/decisions.md has no Dependencies section"
+    header, *rows = re.findall(r"^\| ([a-z][a-z0-9-]*) \| .+ \|$", section.group(1), re.M)
+    assert header == "package"
+    assert sorted(rows) == sorted(direct)
 
 
 # --- docs/token-format.md is the format crypto.py implements ---------------------------------------
