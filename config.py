@@ -24,6 +24,7 @@ VARIABLES: dict[str, str] = {
     "CORS_ORIGINS": "Browser origins allowed to call the service, comma-separated, or * (default: none)",
     "TRUSTED_PROXIES": "How many proxies in front of the service set X-Forwarded-For/-Proto (default 0)",
     "RATE_LIMIT_FAILURES": "Failed (4xx) requests allowed per client address, e.g. 60/minute; 0 or off disables (default 60/minute)",
+    "RATE_LIMIT_PER_TOKEN": "Refreshes allowed per refresh token, e.g. 10/minute; 0 or off disables (default 10/minute)",
     "SPOTIFY_MAX_RATE": "Ceiling on calls forwarded to Spotify by this deployment, e.g. 50/second (default: none)",
     "RATE_LIMIT_STORAGE_URI": "Where rate-limit counts live: memory:// or redis://host:port (default memory://)",
 }
@@ -62,6 +63,7 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: int = 0
     rate_limit_failures: str | None = "60/minute"
+    rate_limit_per_token: str | None = "10/minute"
     spotify_max_rate: str | None = None
     rate_limit_storage_uri: str = "memory://"
 
@@ -182,6 +184,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         if not raw_failures
         else _check_rate("RATE_LIMIT_FAILURES", raw_failures, problems)
     )
+    raw_per_token = get("RATE_LIMIT_PER_TOKEN")
+    rate_limit_per_token = (
+        Config.rate_limit_per_token
+        if not raw_per_token
+        else _check_rate("RATE_LIMIT_PER_TOKEN", raw_per_token, problems)
+    )
     spotify_max_rate = _check_rate("SPOTIFY_MAX_RATE", get("SPOTIFY_MAX_RATE"), problems)
 
     storage_uri = get("RATE_LIMIT_STORAGE_URI") or Config.rate_limit_storage_uri
@@ -203,6 +211,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         cors_origins=cors_origins,
         trusted_proxies=trusted_proxies,
         rate_limit_failures=rate_limit_failures,
+        rate_limit_per_token=rate_limit_per_token,
         spotify_max_rate=spotify_max_rate,
         rate_limit_storage_uri=storage_uri,
     )

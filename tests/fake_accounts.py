@@ -157,11 +157,13 @@ class FakeAccounts:
         if self.record and faults:
             self.requests.append({"headers": headers, "form": form, "content_type": headers.get("content-type", "")})
 
-        expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-        if headers.get("authorization") != expected:
-            return 401, {}, json.dumps({"error": "invalid_client", "error_description": "Invalid client"}).encode()
+        refused = _refused_credentials(headers.get("authorization", ""))
+        if refused:
+            return 400, {}, json.dumps({"error": "invalid_client", "error_description": refused}).encode()
 
         grant = form.get("grant_type")
+        if grant == "client_credentials":
+            return 200, {}, json.dumps({"access_token": f"app-{self.served}", "token_type": "Bearer", "expires_in": 3600}).encode()
         subject = form.get("code") if grant == "authorization_code" else form.get("refresh_token")
         if grant not in ("authorization_code", "refresh_token") or not subject:
             return 400, {}, json.dumps({"error": "invalid_request"}).encode()
@@ -179,6 +181,20 @@ class FakeAccounts:
         elif subject.startswith("rotate-"):
             tokens["refresh_token"] = "rotated-" + subject[len("rotate-"):]
         return 200, {}, json.dumps(tokens).encode()
+
+
+def _refused_credentials(authorization: str) -> str | None:
+    """Spotify's description when it refuses the client's credentials (a 400 invalid_client), else None."""
+    scheme, _, encoded = authorization.partition(" ")
+    try:
+        client_id, _, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except ValueError:
+        return "Invalid client"
+    if scheme.lower() != "basic" or client_id != CLIENT_ID:
+        return "Invalid client"
+    if secret != CLIENT_SECRET:
+        return "Invalid client secret"
+    return None
 
 
 _FAULT_ANSWERS = {
