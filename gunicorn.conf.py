@@ -14,9 +14,8 @@ except ConfigError as err:
 
 # Empty counts as unset, as for every variable the application reads.
 bind = f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
-# One process per core. A process's CPU, not waiting, is the limit: on 2 cores one worker
-# tops out near 540 refreshes/s against a 100 ms upstream, two reach 770-940, three no more
-# (bench/README.md). Platforms size WEB_CONCURRENCY to the instance.
+# One process per core. A process's CPU, not waiting, is the limit, so a worker beyond the cores
+# adds only memory (measured in bench/README.md). Platforms size WEB_CONCURRENCY to the instance.
 try:
     workers = int(os.environ.get("WEB_CONCURRENCY", "").strip() or "2")
     if workers < 1:
@@ -29,8 +28,7 @@ except ValueError:
 # Each request spends almost all its time waiting on Spotify: gevent workers keep up to
 # worker_connections of them waiting at once per process, at a few KB each, instead of a thread
 # or process apiece. app.UPSTREAM_POOL_SIZE matches it, so each has a pooled upstream connection.
-# Measured against gthread (2 x 128 threads): 767 vs 443 refreshes/s at 256 clients, and
-# 0.29 vs 0.49 ms of CPU per request for gunicorn's own part.
+# gthread workers pay a thread per waiting request and serve fewer (bench/README.md).
 worker_class = "gevent"
 worker_connections = 1000
 
