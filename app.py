@@ -16,6 +16,7 @@ from flask.sessions import SessionInterface
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+import page
 from config import VARIABLES, Config, ConfigError, generate_secret, load_config
 from crypto import InvalidToken, TokenSealer
 from ratelimit import Limits, Refused
@@ -74,6 +75,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     app.extensions["tokenswap"] = Service(config)
     _register_routes(app)
+    page.init_app(app)
     _register_errors(app)
     _register_cli(app)
     _install_middleware(app, config)
@@ -341,8 +343,12 @@ def _install_middleware(app: Flask, config: Config) -> None:
 
 
 def _is_limited(request: Request) -> bool:
-    """/health and preflights are never refused nor counted."""
-    return request.method != "OPTIONS" and request.endpoint != "health"
+    """/health, preflights and the landing page's GETs are never refused nor counted."""
+    return (
+        request.method != "OPTIONS"
+        and request.endpoint != "health"
+        and not page.is_page_request(request)
+    )
 
 
 def _install_limits(app: Flask, config: Config) -> None:

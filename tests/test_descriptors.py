@@ -352,8 +352,9 @@ def test_dockerfile_installs_only_the_runtime_requirements_without_a_cache():
 def test_dockerfile_copies_every_module_the_service_imports_and_nothing_else():
     copied = set(docker_copied_files())
     needed = local_imports(ROOT / "app.py") | local_imports(ROOT / "gunicorn.conf.py")
-    assert needed == {"app.py", "config.py", "crypto.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
-    assert copied == needed | {"requirements.txt"}
+    assert needed == {"app.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
+    # The landing page's files are read by Flask from these folders, not imported.
+    assert copied == needed | {"requirements.txt", "templates", "static"}
 
 
 def test_dockerfile_defaults_port_to_8080_and_bakes_in_no_setting():
@@ -391,7 +392,10 @@ def test_dockerignore_keeps_secrets_and_tests_out_and_the_service_in():
 def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
     """The files the Dockerfile copies, alone in a directory, run its CMD; its HEALTHCHECK sees /health."""
     for name in docker_copied_files():
-        shutil.copy(ROOT / name, tmp_path / name)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tmp_path / name)
+        else:
+            shutil.copy(ROOT / name, tmp_path / name)
     port = free_port()
     env = {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -426,6 +430,11 @@ def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
             assert time.monotonic() < deadline, "the service did not answer /health"
             time.sleep(0.1)
         assert healthcheck() == 0
+        # The landing page and its files, from the image's copies (Connection: close, so no keep-alive
+        # connection holds a worker at SIGTERM).
+        for path, text in (("/", "Spotify token swap"), ("/static/page.js", "code_verifier")):
+            answer = requests.get(f"http://127.0.0.1:{port}{path}", headers={"Connection": "close"}, timeout=5)
+            assert answer.status_code == 200 and text in answer.text, path
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
@@ -458,8 +467,9 @@ def test_readme_shows_the_procfile_web_command():
 
 def test_readme_documents_every_route(app):
     paths = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
-    assert {"/swap", "/api/token", "/refresh", "/api/refresh_token", "/health"} <= paths
-    text = readme()
+    assert {"/swap", "/api/token", "/refresh", "/api/refresh_token", "/health", "/", "/callback"} <= paths
+    # The README, or the docs/ it points to.
+    text = "\n".join([readme(), *(path.read_text() for path in sorted((ROOT / "docs").glob("*.md")))])
     for path in paths:
         assert f"`POST {path}`" in text or f"`GET {path}`" in text, path
 
