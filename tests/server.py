@@ -14,6 +14,8 @@ from pathlib import Path
 
 import requests
 
+from config import VARIABLES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # One request in gunicorn.conf.py's access_log_format: client "METHOD PATH" status bytes duration.
@@ -61,6 +63,9 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
+            # Every setting of the service blank (unset) unless given: gunicorn.conf.py reads a developer's
+            # .env for what the environment leaves out, and that must not change what a test runs with.
+            **dict.fromkeys(VARIABLES, ""),
             "PATH": os.environ["PATH"],
             "HOME": os.environ.get("HOME", "/tmp"),
             "LANG": "C.UTF-8",

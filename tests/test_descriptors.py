@@ -206,7 +206,8 @@ def test_config_reads_exactly_the_listed_variables():
     assert environ.read == set(VARIABLES)
 
 
-def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch):
+def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # away from a developer's .env, which would add its names
     environ = _Recording({**os.environ, **DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
     monkeypatch.setattr(os, "environ", environ)
     runpy.run_path(str(ROOT / "gunicorn.conf.py"))
@@ -365,7 +366,8 @@ def test_dockerfile_defaults_port_to_8080_and_bakes_in_no_setting():
     assert not set(env) & set(VARIABLES), "settings and secrets come from the platform, not the image"
 
 
-def test_gunicorn_config_binds_the_port_it_is_given(monkeypatch):
+def test_gunicorn_config_binds_the_port_it_is_given(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a developer's .env would leave its values in this process's environment
     # The Dockerfile's PORT is only a default: the platform's PORT reaches gunicorn.conf.py.
     for name, value in {**DUMMIES, "ENCRYPTION_SECRET": generate_secret(), "PORT": "9123"}.items():
         monkeypatch.setenv(name, value)
