@@ -1,5 +1,5 @@
-"""One configuration file for every way of starting: `flask run` and the Procfile's gunicorn command both read .env,
-values with ";" included, and the environment wins over the file."""
+"""One configuration file for every way of starting: `flask run`, `make run` (run.py) and the Procfile's gunicorn
+command all read .env, values with ";" included, and the environment wins over the file."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tests.server import CLOSE, free_port, json_answer, web_command
 ROOT = Path(__file__).resolve().parent.parent
 # What the three commands need, copied into a directory of its own with its own .env.
 FILES = ("app.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py",
-         "Procfile", ".env.example", "templates", "static",
+         "run.py", "Procfile", ".env.example", "templates", "static",
          "tests/__init__.py", "tests/fake_accounts.py", "tests/server.py")
 
 
@@ -171,7 +171,7 @@ def assert_dotenv_limits_apply(url: str) -> None:
     assert statuses == [400, 400, 429]
 
 
-@pytest.mark.parametrize("way", ["flask run", "Procfile"])
+@pytest.mark.parametrize("way", ["flask run", "Procfile", "make run"])
 def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
     directory = copy_of_the_service(tmp_path)
     port = free_port()
@@ -181,6 +181,7 @@ def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
         # As a platform runs it: its PORT; stay on loopback as tests/server.py does.
         "Procfile": (["bash", "-c", "exec " + web_command()],
                      {"PORT": str(port), "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}"}),
+        "make run": ([sys.executable, "run.py", "--port", str(port)], {}),
     }
     command, extra = commands[way]
     with FakeAccounts() as fake:
@@ -189,3 +190,5 @@ def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
             assert_dotenv_limits_apply(url)
             # The swap went to the .env's accounts service, with the .env's client.
             assert [r["form"]["code"] for r in fake.requests] == ["first"]
+    if way == "make run":
+        assert "Using Spotify, with the credentials in .env" in output()
