@@ -61,8 +61,15 @@ def _page() -> str:
     )
 
 
+def _favicon() -> Response:
+    # Browsers ask for it by themselves, on the API's JSON answers too: a 404 would count against the
+    # address's failure budget at every look.
+    return current_app.send_static_file("favicon.svg")
+
+
 bp.add_url_rule("/", "index", _page, methods=["GET"])
 bp.add_url_rule("/callback", "callback", _page, methods=["GET"])
+bp.add_url_rule("/favicon.ico", "favicon", _favicon, methods=["GET"])
 
 
 def _secure(response: Response) -> Response:

@@ -41,8 +41,8 @@ RAW_REFRESH = ("AQ-raw-refresh-one", "AQ-raw-refresh-two")
 GENUINE = tuple(SEALER.seal(raw) for raw in RAW_REFRESH)
 
 ROUTES = SWAP_PATHS + REFRESH_PATHS + ("/health",)
-# The landing page (page.py): HTML for GET and HEAD, like any page; every other method is a JSON 405.
-PAGES = ("/", "/callback")
+# The landing page (page.py) and its icon, for GET and HEAD; every other method is a JSON 405.
+PAGES = {"/": "text/html", "/callback": "text/html", "/favicon.ico": "image/svg+xml"}
 SWAP_FIELDS = ("code", "redirect_uri", "code_verifier")
 
 
@@ -185,7 +185,7 @@ paths = st.one_of(
     st.sampled_from(ROUTES),
     st.sampled_from(ROUTES).map(lambda p: p + "/"),
     st.sampled_from(ROUTES).map(lambda p: p.upper()),
-    st.sampled_from(PAGES),
+    st.sampled_from(sorted(PAGES)),
     st.sampled_from(["//swap", "/api//token", "/api", "/swap/../refresh", "/%00", "/static/x", "/health/"]),
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="?#%"), max_size=40).map(
         lambda p: "/" + p
@@ -330,7 +330,8 @@ def test_anything_on_any_path_is_answered_in_json_without_a_5xx(client, method, 
         # PATH_INFO as a server would pass it: the test client would read "//x" as a host name.
         response = client.open("/", method=method, data=body, headers=headers, environ_overrides={"PATH_INFO": path})
         if path in PAGES and method in ("GET", "HEAD"):
-            assert (response.status_code, response.mimetype) == (200, "text/html")
+            assert (response.status_code, response.mimetype) == (200, PAGES[path])
+            response.close()
             assert len(mock.calls) == 0
             return
         answer = assert_answer_shape(response, method)

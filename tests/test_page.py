@@ -154,6 +154,9 @@ def test_page_gets_are_neither_counted_nor_refused_by_the_failure_limit():
                 assert response.status_code == 200
         assert client.head("/").status_code == 200
         assert client.get("/static/missing.js").status_code == 404
+        # Browsers ask for it by themselves, even on a JSON answer.
+        with client.get("/favicon.ico") as icon:
+            assert (icon.status_code, icon.mimetype) == (200, "image/svg+xml")
     # The whole budget is still there: two failures, then the limit.
     assert [client.post("/swap", data={}).status_code for _ in range(3)] == [400, 400, 429]
     # A spent address still sees the page; the API stays refused.
