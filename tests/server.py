@@ -8,6 +8,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,7 +67,8 @@ class Server:
             # Every setting of the service blank (unset) unless given: gunicorn.conf.py reads a developer's
             # .env for what the environment leaves out, and that must not change what a test runs with.
             **dict.fromkeys(VARIABLES, ""),
-            "PATH": os.environ["PATH"],
+            # gunicorn from the Python running the tests, its virtualenv activated or not (`make test`).
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "HOME": os.environ.get("HOME", "/tmp"),
             "LANG": "C.UTF-8",
             "PORT": str(self.port),
