@@ -16,6 +16,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import check
+import page
 import ratelimit
 import spotify
 from config import VARIABLES, Config, ConfigError, generate_secret, load_config
@@ -101,6 +102,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     app.extensions["tokenswap"] = Service(config)
     _register_routes(app)
+    page.init_app(app)
     _register_errors(app)
     _install_cors_and_proxies(app, config)
     ratelimit.init_app(app, config)

@@ -3,7 +3,17 @@
 import os
 import sys
 
+from dotenv import find_dotenv, load_dotenv
+
 from config import ConfigError, load_config
+
+# One configuration file for every way of starting: `flask run` reads .env (found from the working
+# directory up, by python-dotenv), so this does too, before the configuration is checked. A variable
+# already set in the environment, by the platform or the shell, wins over the file; set but empty
+# counts as set, as it does for `flask run`.
+_DOTENV = find_dotenv(usecwd=True)
+if _DOTENV:
+    load_dotenv(_DOTENV, override=False)
 
 # Refuse to start on a bad configuration, before binding a port or forking a worker.
 try:

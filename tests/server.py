@@ -8,11 +8,14 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
+
+from config import VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +63,11 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
-            "PATH": os.environ["PATH"],
+            # Every setting of the service blank (unset) unless given: gunicorn.conf.py reads a developer's
+            # .env for what the environment leaves out, and that must not change what a test runs with.
+            **dict.fromkeys(VARIABLES, ""),
+            # gunicorn from the Python running the tests, its virtualenv activated or not (`make test`).
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "HOME": os.environ.get("HOME", "/tmp"),
             "LANG": "C.UTF-8",
             "PORT": str(self.port),

@@ -471,7 +471,7 @@ def test_spotify_answer_cut_off_is_502(client, spotify, endpoint):
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE"])
-@pytest.mark.parametrize("path", ["/", "/nope", "/swap/", "/api/tokens", "/health/x"])
+@pytest.mark.parametrize("path", ["/nope", "/swap/", "/api/tokens", "/health/x", "/callback/x"])
 def test_unknown_path_is_404_json(client, spotify, method, path):
     assert_error(client.open(path, method=method), 404, "not_found")
 

@@ -212,7 +212,8 @@ def test_config_reads_exactly_the_listed_variables():
     assert environ.read == set(VARIABLES)
 
 
-def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch):
+def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # away from a developer's .env, which would add its names
     environ = _Recording({**os.environ, **DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
     monkeypatch.setattr(os, "environ", environ)
     runpy.run_path(str(ROOT / "gunicorn.conf.py"))
@@ -358,8 +359,9 @@ def test_dockerfile_installs_only_the_runtime_requirements_without_a_cache():
 def test_dockerfile_copies_every_module_the_service_imports_and_nothing_else():
     copied = set(docker_copied_files())
     needed = local_imports(ROOT / "app.py") | local_imports(ROOT / "gunicorn.conf.py")
-    assert needed == {"app.py", "check.py", "config.py", "crypto.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
-    assert copied == needed | {"requirements.txt"}
+    assert needed == {"app.py", "check.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
+    # The landing page's files are read by Flask from these folders, not imported.
+    assert copied == needed | {"requirements.txt", "templates", "static"}
 
 
 def test_dockerfile_defaults_port_to_8080_and_bakes_in_no_setting():
@@ -370,7 +372,8 @@ def test_dockerfile_defaults_port_to_8080_and_bakes_in_no_setting():
     assert not set(env) & set(VARIABLES), "settings and secrets come from the platform, not the image"
 
 
-def test_gunicorn_config_binds_the_port_it_is_given(monkeypatch):
+def test_gunicorn_config_binds_the_port_it_is_given(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a developer's .env would leave its values in this process's environment
     # The Dockerfile's PORT is only a default: the platform's PORT reaches gunicorn.conf.py.
     for name, value in {**DUMMIES, "ENCRYPTION_SECRET": generate_secret(), "PORT": "9123"}.items():
         monkeypatch.setenv(name, value)
@@ -397,7 +400,10 @@ def test_dockerignore_keeps_secrets_and_tests_out_and_the_service_in():
 def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
     """The files the Dockerfile copies, alone in a directory, run its CMD; its HEALTHCHECK sees /health."""
     for name in docker_copied_files():
-        shutil.copy(ROOT / name, tmp_path / name)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tmp_path / name)
+        else:
+            shutil.copy(ROOT / name, tmp_path / name)
     port = free_port()
     env = {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -432,6 +438,11 @@ def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
             assert time.monotonic() < deadline, "the service did not answer /health"
             time.sleep(0.1)
         assert healthcheck() == 0
+        # The landing page and its files, from the image's copies (Connection: close, so no keep-alive
+        # connection holds a worker at SIGTERM).
+        for path, text in (("/", "Spotify token swap"), ("/static/page.js", "code_verifier")):
+            answer = requests.get(f"http://127.0.0.1:{port}{path}", headers={"Connection": "close"}, timeout=5)
+            assert answer.status_code == 200 and text in answer.text, path
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
@@ -447,15 +458,34 @@ def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
 # --- the README tells the truth about commands and paths -----------------------------------------
 
 
+def makefile_recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"{re.escape(target)}:", line))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
 def test_readme_test_command_is_the_one_ci_runs():
     ci_lines = [
         line.strip()
         for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    (test_command,) = [line for line in ci_lines if "pytest" in line]
-    assert re.search(rf"^\s*{re.escape(test_command)}\s*$", readme(), re.M)
-    assert re.search(r"^\s*pip install -r requirements-dev\.txt\s*$", readme(), re.M)
+    # CI ends with `make test`, which runs pytest the README's way, in the virtualenv it installed.
+    assert ci_lines[-1] == "make test"
+    assert "$(VENV)/bin/python -m pytest" in makefile_recipe("test")
+    assert any("requirements-dev.txt" in line for line in makefile_recipe("$(VENV)/.test-installed"))
+    # The README shows `make test`, or (until its quick start) the two commands it runs.
+    text = readme()
+    assert re.search(r"^\s*make test\s*$", text, re.M) or (
+        re.search(r"^\s*python -m pytest\s*$", text, re.M)
+        and re.search(r"^\s*pip install -r requirements-dev\.txt\s*$", text, re.M)
+    )
 
 
 def test_readme_shows_the_procfile_web_command():
@@ -464,8 +494,9 @@ def test_readme_shows_the_procfile_web_command():
 
 def test_readme_documents_every_route(app):
     paths = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
-    assert {"/swap", "/api/token", "/refresh", "/api/refresh_token", "/health"} <= paths
-    text = readme()
+    assert {"/swap", "/api/token", "/refresh", "/api/refresh_token", "/health", "/", "/callback"} <= paths
+    # The README, or the docs/ it points to.
+    text = "\n".join([readme(), *(path.read_text() for path in sorted((ROOT / "docs").glob("*.md")))])
     for path in paths:
         assert f"`POST {path}`" in text or f"`GET {path}`" in text, path
 

@@ -41,6 +41,8 @@ RAW_REFRESH = ("AQ-raw-refresh-one", "AQ-raw-refresh-two")
 GENUINE = tuple(SEALER.seal(raw) for raw in RAW_REFRESH)
 
 ROUTES = SWAP_PATHS + REFRESH_PATHS + ("/health",)
+# The landing page (page.py) and its icon, for GET and HEAD; every other method is a JSON 405.
+PAGES = {"/": "text/html", "/callback": "text/html", "/favicon.ico": "image/svg+xml"}
 SWAP_FIELDS = ("code", "redirect_uri", "code_verifier")
 
 
@@ -189,7 +191,8 @@ paths = st.one_of(
     st.sampled_from(ROUTES),
     st.sampled_from(ROUTES).map(lambda p: p + "/"),
     st.sampled_from(ROUTES).map(lambda p: p.upper()),
-    st.sampled_from(["/", "//swap", "/api//token", "/api", "/swap/../refresh", "/%00", "/static/x", "/health/"]),
+    st.sampled_from(sorted(PAGES)),
+    st.sampled_from(["//swap", "/api//token", "/api", "/swap/../refresh", "/%00", "/static/x", "/health/"]),
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="?#%"), max_size=40).map(
         lambda p: "/" + p
     ),
@@ -354,11 +357,18 @@ def test_json_that_is_not_an_object_is_invalid_request(client, value, path):
 @example(method="POST", path="//swap", content_type=None, body=b"")
 @example(method="HEAD", path="/swap", content_type=None, body=b"")
 @example(method="OPTIONS", path="/refresh", content_type=None, body=b"")
+@example(method="GET", path="/callback", content_type=FORM_TYPES[0], body=b"code=x")
+@example(method="POST", path="/", content_type=FORM_TYPES[0], body=b"code=x")
 def test_anything_on_any_path_is_answered_in_json_without_a_5xx(client, method, path, content_type, body):
     headers = {} if content_type is None else {"Content-Type": content_type}
     with spotify() as mock:
         # PATH_INFO as a server would pass it: the test client would read "//x" as a host name.
         response = client.open("/", method=method, data=body, headers=headers, environ_overrides={"PATH_INFO": path})
+        if path in PAGES and method in ("GET", "HEAD"):
+            assert (response.status_code, response.mimetype) == (200, PAGES[path])
+            response.close()
+            assert len(mock.calls) == 0
+            return
         answer = assert_answer_shape(response, method)
         assert_forwarded_only_what_is_valid(mock)
         called = len(mock.calls)
