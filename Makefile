@@ -8,8 +8,8 @@ VENV = .venv
 HOST = 127.0.0.1
 PORT = 1234
 # What the tests start besides Python: a browser, a Redis, certificate tools, Node (for a Node OAuth
-# client library). Debian package = command name.
-TEST_TOOLS = chromium redis-server openssl npm
+# client library), curl (the README's examples). Debian package = command name.
+TEST_TOOLS = chromium redis-server openssl npm curl
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET = $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq
 

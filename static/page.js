@@ -35,7 +35,8 @@
     if (error === "access_denied") {
       return "The login was cancelled on the consent screen. Press \u201cLog in with Spotify\u201d to try again.";
     }
-    if (error === "invalid_client") {
+    if (error === "invalid_client" || (error === "server_error" && /misconfigured/i.test(description))) {
+      // The service answers a 500 when Spotify refuses its own credentials (its log names the setting).
       return "Spotify did not accept this service's client credentials: check SPOTIFY_CLIENT_ID and " +
         "SPOTIFY_CLIENT_SECRET against your app in the Spotify developer dashboard, then restart the service.";
     }

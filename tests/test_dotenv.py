@@ -22,7 +22,7 @@ from tests.server import CLOSE, free_port, json_answer, web_command
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the three commands need, copied into a directory of its own with its own .env.
-FILES = ("app.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py",
+FILES = ("app.py", "check.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py",
          "run.py", "Procfile", ".env.example", "templates", "static",
          "tests/__init__.py", "tests/fake_accounts.py", "tests/server.py")
 

@@ -159,6 +159,6 @@ def test_page_gets_are_neither_counted_nor_refused_by_the_failure_limit():
             assert (icon.status_code, icon.mimetype) == (200, "image/svg+xml")
     # The whole budget is still there: two failures, then the limit.
     assert [client.post("/swap", data={}).status_code for _ in range(3)] == [400, 400, 429]
-    # A spent address still sees the page; the API stays refused.
+    # A spent address still sees the page (reads never reach Spotify); the API stays refused.
     assert client.get("/").status_code == 200
-    assert client.get("/swap").status_code == 429
+    assert client.post("/refresh", data={}).status_code == 429
