@@ -15,7 +15,10 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
 # The service and nothing else (no tests, no .env): see .dockerignore too.
-COPY app.py config.py crypto.py ratelimit.py spotify.py gunicorn.conf.py ./
+COPY app.py check.py config.py crypto.py page.py ratelimit.py spotify.py gunicorn.conf.py ./
+# The landing page's template, script and style.
+COPY templates ./templates
+COPY static ./static
 
 # Root owns the code; the service runs as an unprivileged user that cannot change it.
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin tokenswap

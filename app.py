@@ -1,4 +1,4 @@
-"""The HTTP service: POST /swap and /refresh (and their /api/ aliases), GET /health."""
+"""The HTTP service: an OAuth 2.0 token endpoint for swaps and refreshes, GET /health, flask commands."""
 
 from __future__ import annotations
 
@@ -6,20 +6,22 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl
 
 import click
-from flask import Flask, Request, Response, current_app, request
-from flask.sessions import SessionInterface
+from flask import Flask, Response, current_app, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+import check
+import page
+import ratelimit
+import spotify
 from config import VARIABLES, Config, ConfigError, connections_per_worker, generate_secret, load_config
-from crypto import InvalidToken, TokenSealer
-from ratelimit import Limits, Refused
-from spotify import AccountsClient, OAuthError
+from crypto import InvalidToken, Opened, TokenSealer
+from ratelimit import Refused
 
 try:  # the Procfile's workers are gevent's; the service also runs without it (flask run, tests)
     import gevent
@@ -32,11 +34,14 @@ MAX_BODY_BYTES = 64 * 1024
 BODY_TIMEOUT = 10
 # Per worker, as gunicorn.conf.py's worker_connections: every waiting request has a pooled connection.
 UPSTREAM_POOL_SIZE = connections_per_worker()
-SWAP_PATHS = ("/swap", "/api/token")
-REFRESH_PATHS = ("/refresh", "/api/refresh_token")
+# Each path has the grant it serves when a request names none (RFC 6749 section 4.1.3 or 6). The
+# /v1/ paths are those of Spotify's own "Token Swap and Refresh" guide.
+SWAP_PATHS = ("/swap", "/api/token", "/v1/swap")
+REFRESH_PATHS = ("/refresh", "/api/refresh_token", "/v1/refresh")
+SWAP, REFRESH = "authorization_code", "refresh_token"
 CORS_MAX_AGE = 86400
-# Where a request keeps the client address it was admitted under to call Spotify.
-_ADMITTED = "tokenswap.admitted"
+# How often, at most, a worker logs that Spotify refuses the service's own credentials.
+MISCONFIGURED_LOG_SECONDS = 60.0
 
 # RFC 6749 section 5.1: token answers must not be cached.
 _NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
@@ -44,6 +49,28 @@ _NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
 _OPAQUE = re.compile(r"[\x21-\x7e]{1,4096}")
 # RFC 7636 section 4.1.
 _CODE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
+
+
+class OAuthError(Exception):
+    """An OAuth 2 error answer (RFC 6749 section 5.2): HTTP status, JSON body, extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str = "server_error",
+        description: str | None = None,
+        *,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
+        self.status = status
+        if body is None:
+            body = {"error": error}
+            if description:
+                body["error_description"] = description
+        self.body = dict(body)
+        self.headers = dict(headers or {})
+        super().__init__(f"{status} {self.body.get('error')}")
 
 
 def json_response(
@@ -67,41 +94,31 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     overrides = dict(test_config or {})
     environ = {name: overrides.pop(name) for name in list(overrides) if name in VARIABLES}
     app.config.update(overrides)
+    _register_cli(app)
 
     try:
         config = load_config({**os.environ, **environ})
     except ConfigError as err:
+        # Under the flask command, gen-secret (how an operator fixes a missing secret) and check
+        # (which reports the problem itself) must work before the configuration does; anything
+        # else stops with the message alone.
         if click.get_current_context(silent=True) is None:
             raise
-        # Under the flask command: gen-secret is how an operator fixes a missing secret, so it
-        # must work before the configuration does; anything else stops with the message alone.
-        if "gen-secret" not in sys.argv[1:]:
+        if not {"gen-secret", "check"} & set(sys.argv[1:]):
             raise click.ClickException(str(err)) from None
-        _register_cli(app)
         return app
 
     app.extensions["tokenswap"] = Service(config)
     _register_routes(app)
+    page.init_app(app)
     _register_errors(app)
-    _register_cli(app)
-    _install_middleware(app, config)
+    _install_cors_and_proxies(app, config)
+    ratelimit.init_app(app, config)
     return app
-
-
-class _NoSessions(SessionInterface):
-    """This service keeps no session: no signed-cookie set-up on every request."""
-
-    def open_session(self, app: Flask, request: Request) -> None:
-        return None
-
-    def save_session(self, app: Flask, session: Any, response: Response) -> None:
-        return None
 
 
 class TokenSwap(Flask):
     """Flask, with preflight (OPTIONS) answers that are an empty 204 rather than an empty text/html 200."""
-
-    session_interface = _NoSessions()
 
     def make_default_options_response(self) -> Response:
         response = super().make_default_options_response()
@@ -118,29 +135,21 @@ class Service:
         self.sealer = TokenSealer(
             config.encryption_secrets, config.client_id, config.legacy_secret
         )
-        self.spotify = AccountsClient(
+        self.spotify = spotify.AccountsClient(
             config.client_id,
             config.client_secret,
             config.accounts_url,
             config.timeout,
             pool_size=UPSTREAM_POOL_SIZE,
         )
-        # Failure budgets and the ceiling on calls to Spotify; set by _install_limits when on.
-        self.limits: Limits | None = None
-
-    def call_spotify(self, call: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-        """Make one call to Spotify, within this deployment's limits."""
-        if self.limits is None:
-            return call(*args)
-        address = request.remote_addr or ""
-        self.limits.admit(address, wait=self.config.timeout)
-        # Released at teardown, once the answer has been counted as a failure or not.
-        request.environ[_ADMITTED] = address
-        return call(*args)
+        self.misconfigured_logged_at: float | None = None
 
 
 def _service() -> Service:
     return current_app.extensions["tokenswap"]
+
+
+# -- reading a request ---------------------------------------------------------------------------
 
 
 class _BodyTimedOut(Exception):
@@ -171,7 +180,7 @@ def _read_body() -> bytes:
         if (
             request.content_length is None
             and len(data) >= MAX_BODY_BYTES
-            and request.environ["wsgi.input"].read(1)
+            and request.stream.read(1)
         ):
             raise RequestEntityTooLarge()
     except HTTPException:
@@ -192,14 +201,9 @@ def _read_body() -> bytes:
 
 
 def _body() -> Mapping[str, Any]:
-    # Read whole first; form parsing would silently stop at the limit or at a broken chunk.
-    body = _read_body()
-    if request.mimetype == "application/x-www-form-urlencoded":
-        # What werkzeug's form parser does for this type, without building the parser each time.
-        try:
-            return MultiDict(parse_qsl(body.decode(), keep_blank_values=True, errors="werkzeug.url_quote"))
-        except ValueError:  # not UTF-8: no fields, as werkzeug would have it
-            return MultiDict()
+    # Read whole first: form parsing would silently stop at the limit or at a broken chunk. The
+    # form and JSON parsers then read the data kept by get_data().
+    _read_body()
     if request.is_json:
         try:
             data = request.get_json(silent=True)
@@ -235,41 +239,39 @@ def _opaque(data: Mapping[str, Any], name: str) -> str:
     return value
 
 
+# -- the token endpoint --------------------------------------------------------------------------
+
+
 def _register_routes(app: Flask) -> None:
-    def swap() -> Response:
+    def token_endpoint(path_grant: str) -> Response:
+        """Swap or refresh, as `grant_type` says, or as the path serves when it says nothing."""
         service = _service()
         data = _body()
-        code = _opaque(data, "code")
-        callbacks = service.config.callback_urls
-        redirect_uri = _field(data, "redirect_uri", required=False) or callbacks[0]
-        if redirect_uri not in callbacks:
-            raise OAuthError(400, "invalid_request", "'redirect_uri' is not one this service allows")
-        verifier = _field(data, "code_verifier", required=False)
-        if verifier is not None and not _CODE_VERIFIER.fullmatch(verifier):
+        grant = _field(data, "grant_type", required=False)
+        if grant not in (None, SWAP, REFRESH):
             raise OAuthError(
-                400, "invalid_request", "'code_verifier' must be 43-128 characters (RFC 7636)"
+                400, "unsupported_grant_type",
+                "grant_type must be authorization_code or refresh_token",
             )
-        tokens = service.call_spotify(service.spotify.exchange_code, code, redirect_uri, verifier)
-        new = tokens.pop("refresh_token", None)
-        if isinstance(new, str) and new:
-            tokens["refresh_token"] = service.sealer.seal(new)
+        # OAuth libraries add client_id (and client_secret, scope, state, an Authorization
+        # header): accepted, never forwarded. A client_id of another app is a setup mistake.
+        client_id = _field(data, "client_id", required=False)
+        if client_id is not None and client_id != service.config.client_id:
+            raise OAuthError(
+                400, "invalid_client",
+                "This token service serves another Spotify app: 'client_id' is not its client ID",
+            )
+        if (grant or path_grant) == SWAP:
+            tokens = _swap(service, data)
+        else:
+            tokens = _refresh(service, data, code_is_token=grant is None)
         return json_response(tokens)
 
+    def swap() -> Response:
+        return token_endpoint(SWAP)
+
     def refresh() -> Response:
-        service = _service()
-        token = _field(_body(), "refresh_token")
-        try:
-            opened = service.sealer.open(token)
-        except InvalidToken:
-            raise OAuthError(400, "invalid_grant", "Invalid refresh token") from None
-        tokens = service.call_spotify(service.spotify.refresh, opened.refresh_token)
-        new = tokens.pop("refresh_token", None)
-        if isinstance(new, str) and new:
-            tokens["refresh_token"] = service.sealer.seal(new)
-        elif opened.needs_reseal:
-            # Move the client to the current key (or off the legacy format) as it refreshes.
-            tokens["refresh_token"] = service.sealer.seal(opened.refresh_token)
-        return json_response(tokens)
+        return token_endpoint(REFRESH)
 
     def health() -> Response:
         return json_response({"status": "ok"})
@@ -281,27 +283,83 @@ def _register_routes(app: Flask) -> None:
     app.add_url_rule("/health", "health", health, methods=["GET"])
 
 
+def _swap(service: Service, data: Mapping[str, Any]) -> dict[str, Any]:
+    code = _opaque(data, "code")
+    callbacks = service.config.callback_urls
+    redirect_uri = _field(data, "redirect_uri", required=False) or callbacks[0]
+    if redirect_uri not in callbacks:
+        raise OAuthError(400, "invalid_request", "'redirect_uri' is not one this service allows")
+    verifier = _field(data, "code_verifier", required=False)
+    if verifier is not None and not _CODE_VERIFIER.fullmatch(verifier):
+        raise OAuthError(400, "invalid_request", "'code_verifier' must be 43-128 characters (RFC 7636)")
+    ratelimit.admit()
+    try:
+        tokens = service.spotify.exchange_code(code, redirect_uri, verifier)
+    except spotify.Denied as err:
+        if err.answer.get("error") == "invalid_grant" and "redirect uri" in err.description.lower():
+            current_app.logger.warning(
+                "Spotify refused the redirect URI %s, which SPOTIFY_CLIENT_CALLBACK_URL allows: it "
+                "must be registered in the app's settings in the Spotify developer dashboard",
+                ascii(redirect_uri),
+            )
+        raise
+    return _sealed(service, tokens)
+
+
+def _refresh(service: Service, data: Mapping[str, Any], *, code_is_token: bool) -> dict[str, Any]:
+    token = _field(data, "refresh_token", required=False)
+    if token is None and code_is_token:
+        # SpotifyAPI-NET's own guide refreshes with TokenSwapTokenRequest: the sealed token
+        # comes as `code`. Only a code that opens is read so.
+        code = _field(data, "code", required=False)
+        if code is not None and _open(service, code) is not None:
+            token = code
+    if token is None:
+        raise OAuthError(400, "invalid_request", "Missing 'refresh_token'")
+    opened = _open(service, token)
+    if opened is None:
+        raise OAuthError(400, "invalid_grant", "Invalid refresh token")
+    ratelimit.admit(opened.refresh_token)
+    tokens = service.spotify.refresh(opened.refresh_token)
+    # Every refresh answer carries a refresh token, so a client that stores what it receives
+    # never loses it: Spotify's new one, or the one sent (moved to the newest key if need be).
+    kept = service.sealer.seal(opened.refresh_token) if opened.needs_reseal else token
+    return _sealed(service, tokens, otherwise=kept)
+
+
+def _open(service: Service, token: str) -> Opened | None:
+    try:
+        return service.sealer.open(token)
+    except InvalidToken:
+        return None
+
+
+def _sealed(service: Service, tokens: dict[str, Any], otherwise: str | None = None) -> dict[str, Any]:
+    """Spotify's answer with its refresh token sealed (the raw one never reaches the client), or
+    with `otherwise` when it has none."""
+    raw = tokens.pop("refresh_token", None)
+    if isinstance(raw, str) and raw:
+        tokens["refresh_token"] = service.sealer.seal(raw)
+    elif otherwise is not None:
+        tokens["refresh_token"] = otherwise
+    return tokens
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(OAuthError)
     def oauth_error(err: OAuthError) -> Response:
         return json_response(err.body, err.status, err.headers)
 
+    @app.errorhandler(spotify.SpotifyError)
+    def spotify_error(err: spotify.SpotifyError) -> Response:
+        return oauth_error(_from_spotify(err))
+
     @app.errorhandler(Refused)
     def refused(err: Refused) -> Response:
-        headers = {"Retry-After": str(err.retry_after)}
-        if err.reason == Refused.FAILURES:
-            description = (
-                "Too many failed requests from this address; "
-                f"retry after {err.retry_after} seconds"
-            )
-            return json_response({"error": "rate_limited", "error_description": description}, 429, headers)
-        if err.reason == Refused.CEILING:
-            description = "This service is at its ceiling of calls to Spotify; retry shortly"
-        else:
-            description = "Too many calls to Spotify in progress for this address; retry shortly"
-        return json_response(
-            {"error": "temporarily_unavailable", "error_description": description}, 503, headers
-        )
+        return oauth_error(_from_limits(err))
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> Response:
@@ -322,6 +380,64 @@ def _register_errors(app: Flask) -> None:
         )
 
 
+def _from_spotify(err: spotify.SpotifyError) -> OAuthError:
+    """What the client is told when Spotify gave no tokens."""
+    if isinstance(err, spotify.CredentialsRefused):
+        _log_misconfigured(err)
+        # Not the client's mistake, and no setting's name: the operator's log says which.
+        return OAuthError(
+            500, "server_error", "The token service is misconfigured; retry later"
+        )
+    if isinstance(err, spotify.Denied):  # the code or token was refused: the client's to know
+        return OAuthError(err.status, body=err.answer)
+    if isinstance(err, spotify.RateLimited):
+        headers = {"Retry-After": err.retry_after} if err.retry_after is not None else {}
+        if err.answer is not None:
+            return OAuthError(429, body=err.answer, headers=headers)
+        return OAuthError(
+            429, "temporarily_unavailable", "Spotify is rate limiting this app", headers=headers
+        )
+    if isinstance(err, spotify.Unreachable):
+        return OAuthError(503, "temporarily_unavailable", "Could not reach Spotify")
+    if isinstance(err, spotify.TimedOut):
+        return OAuthError(504, "temporarily_unavailable", "Spotify did not answer in time")
+    return OAuthError(502, "server_error", str(err) or "Spotify's answer could not be read")
+
+
+def _log_misconfigured(err: spotify.CredentialsRefused) -> None:
+    service = _service()
+    now = time.monotonic()
+    if service.misconfigured_logged_at is not None and now - service.misconfigured_logged_at < MISCONFIGURED_LOG_SECONDS:
+        return
+    service.misconfigured_logged_at = now
+    variable = "SPOTIFY_CLIENT_SECRET" if err.blames_secret else "SPOTIFY_CLIENT_ID"
+    current_app.logger.error(
+        "Spotify refuses this service's credentials (%s: %s): check %s against the app's settings "
+        "in the Spotify developer dashboard. Every swap and refresh fails until it is fixed "
+        "(logged at most once a minute per worker)",
+        ascii(err.answer.get("error"))[1:-1], ascii(err.description[:200]), variable,
+    )
+
+
+def _from_limits(err: Refused) -> OAuthError:
+    headers = {"Retry-After": str(err.retry_after)}
+    if err.reason == Refused.FAILURES:
+        description = (
+            f"Too many failed requests from this address; retry after {err.retry_after} seconds"
+        )
+        return OAuthError(429, "rate_limited", description, headers=headers)
+    if err.reason == Refused.TOKEN:
+        description = (
+            f"This refresh token was refreshed too often; retry after {err.retry_after} seconds"
+        )
+        return OAuthError(429, "rate_limited", description, headers=headers)
+    if err.reason == Refused.CEILING:
+        description = "This service is at its ceiling of calls to Spotify; retry shortly"
+    else:
+        description = "Too many calls to Spotify in progress for this address; retry shortly"
+    return OAuthError(503, "temporarily_unavailable", description, headers=headers)
+
+
 _DESCRIPTIONS = {
     404: "No such endpoint: use POST /swap, POST /refresh or GET /health",
     405: "Method not allowed here",
@@ -333,14 +449,23 @@ def _snake(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+# -- commands and middleware ---------------------------------------------------------------------
+
+
 def _register_cli(app: Flask) -> None:
     @app.cli.command("gen-secret")
     def gen_secret() -> None:
         """Print a fresh, strong value for ENCRYPTION_SECRET."""
         click.echo(generate_secret())
 
+    @app.cli.command("check")
+    def check_deployment() -> None:
+        """Check this deployment for real: configuration, Spotify credentials, rate-limit storage."""
+        if not check.report(os.environ, click.echo):
+            raise SystemExit(1)
 
-def _install_middleware(app: Flask, config: Config) -> None:
+
+def _install_cors_and_proxies(app: Flask, config: Config) -> None:
     if config.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -358,7 +483,8 @@ def _install_middleware(app: Flask, config: Config) -> None:
             resources={r"/.*": {}},
             origins="*" if "*" in config.cors_origins else list(config.cors_origins),
             methods=["GET", "POST"],
-            allow_headers=["Content-Type"],
+            # OAuth libraries in the browser may send their client id as Basic auth: accepted, ignored.
+            allow_headers=["Content-Type", "Authorization"],
             expose_headers=["Retry-After"],
             max_age=CORS_MAX_AGE,
             always_send=False,
@@ -370,48 +496,3 @@ def _install_middleware(app: Flask, config: Config) -> None:
             # flask-cors leaves Vary out when a single origin is allowed; caches need it regardless.
             response.vary.add("Origin")
             return response
-
-    if config.rate_limit_failures or config.spotify_max_rate:
-        _install_limits(app, config)
-
-
-def _is_limited(request: Request) -> bool:
-    """/health and preflights are never refused nor counted."""
-    return request.method != "OPTIONS" and request.endpoint != "health"
-
-
-def _install_limits(app: Flask, config: Config) -> None:
-    limits = Limits(
-        config.rate_limit_failures,
-        config.spotify_max_rate,
-        config.rate_limit_storage_uri,
-        logger=app.logger,
-    )
-    service = app.extensions["tokenswap"]
-    service.limits = limits
-    if not limits.counts_failures:
-        return
-
-    @app.before_request
-    def refuse_spent_addresses() -> None:
-        if _is_limited(request):
-            limits.check(request.remote_addr or "")
-
-    @app.teardown_request
-    def release(_: BaseException | None) -> None:
-        address = request.environ.pop(_ADMITTED, None)
-        if address is not None:
-            limits.release(address)
-
-    @app.after_request
-    def count_failures(response: Response) -> Response:
-        # 429 is not a new failure: being told to wait is not the client's mistake, nor is
-        # Spotify rate-limiting the app. /health and preflights never count. Successes count
-        # only in this process, as a track record that lets more of the address's calls run.
-        status = response.status_code
-        if _is_limited(request):
-            if status < 300:
-                limits.count_success(request.remote_addr or "")
-            elif 400 <= status < 500 and status != 429:
-                limits.count_failure(request.remote_addr or "")
-        return response

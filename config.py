@@ -20,10 +20,12 @@ VARIABLES: dict[str, str] = {
     "ENCRYPTION_SECRET": "Secret(s) sealing refresh tokens, comma-separated, newest first; each at least 16 characters (required)",
     "LEGACY_ENCRYPTION_SECRET": "ENCRYPTION_SECRET of a legacy Ruby/Sinatra token swap service whose tokens should still refresh (optional)",
     "SPOTIFY_ACCOUNTS_URL": "Base URL of Spotify's accounts service (default https://accounts.spotify.com)",
+    "SPOTIFY_API_URL": "Base URL of Spotify's Web API, which the landing page's login test calls (default https://api.spotify.com)",
     "SPOTIFY_TIMEOUT": "Seconds to wait for Spotify on each call (default 10)",
     "CORS_ORIGINS": "Browser origins allowed to call the service, comma-separated, or * (default: none)",
     "TRUSTED_PROXIES": "How many proxies in front of the service set X-Forwarded-For/-Proto (default 0)",
     "RATE_LIMIT_FAILURES": "Failed (4xx) requests allowed per client address, e.g. 60/minute; 0 or off disables (default 60/minute)",
+    "RATE_LIMIT_PER_TOKEN": "Refreshes allowed per refresh token, e.g. 5/minute; 0 or off disables (default 5/minute)",
     "SPOTIFY_MAX_RATE": "Ceiling on calls forwarded to Spotify by this deployment, e.g. 50/second (default: none)",
     "RATE_LIMIT_STORAGE_URI": "Where rate-limit counts live: memory:// or redis://host:port (default memory://)",
 }
@@ -58,10 +60,12 @@ class Config:
     encryption_secrets: tuple[str, ...]
     legacy_secret: str | None = None
     accounts_url: str = "https://accounts.spotify.com"
+    api_url: str = "https://api.spotify.com"
     timeout: float = 10.0
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: int = 0
     rate_limit_failures: str | None = "60/minute"
+    rate_limit_per_token: str | None = "5/minute"
     spotify_max_rate: str | None = None
     rate_limit_storage_uri: str = "memory://"
 
@@ -78,6 +82,12 @@ def _split(value: str) -> tuple[str, ...]:
 def _is_http_url(value: str) -> bool:
     parts = urlsplit(value)
     return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _base_url(name: str, value: str, problems: list[str]) -> str:
+    if not _is_http_url(value):
+        problems.append(f"{name}={value!r} is not an http(s) URL: leave it unset for Spotify")
+    return value.rstrip("/")
 
 
 def _check_rate(name: str, value: str, problems: list[str]) -> str | None:
@@ -139,12 +149,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     # strengthen. Only a value that is nothing but white space counts as unset.
     legacy_secret = env.get("LEGACY_ENCRYPTION_SECRET") if get("LEGACY_ENCRYPTION_SECRET") else None
 
-    accounts_url = get("SPOTIFY_ACCOUNTS_URL") or Config.accounts_url
-    if not _is_http_url(accounts_url):
-        problems.append(
-            f"SPOTIFY_ACCOUNTS_URL={accounts_url!r} is not an http(s) URL: leave it unset for Spotify"
-        )
-    accounts_url = accounts_url.rstrip("/")
+    accounts_url = _base_url("SPOTIFY_ACCOUNTS_URL", get("SPOTIFY_ACCOUNTS_URL") or Config.accounts_url, problems)
+    api_url = _base_url("SPOTIFY_API_URL", get("SPOTIFY_API_URL") or Config.api_url, problems)
 
     timeout = Config.timeout
     if get("SPOTIFY_TIMEOUT"):
@@ -182,6 +188,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         if not raw_failures
         else _check_rate("RATE_LIMIT_FAILURES", raw_failures, problems)
     )
+    raw_per_token = get("RATE_LIMIT_PER_TOKEN")
+    rate_limit_per_token = (
+        Config.rate_limit_per_token
+        if not raw_per_token
+        else _check_rate("RATE_LIMIT_PER_TOKEN", raw_per_token, problems)
+    )
     spotify_max_rate = _check_rate("SPOTIFY_MAX_RATE", get("SPOTIFY_MAX_RATE"), problems)
 
     storage_uri = get("RATE_LIMIT_STORAGE_URI") or Config.rate_limit_storage_uri
@@ -199,10 +211,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         encryption_secrets=encryption_secrets,
         legacy_secret=legacy_secret,
         accounts_url=accounts_url,
+        api_url=api_url,
         timeout=timeout,
         cors_origins=cors_origins,
         trusted_proxies=trusted_proxies,
         rate_limit_failures=rate_limit_failures,
+        rate_limit_per_token=rate_limit_per_token,
         spotify_max_rate=spotify_max_rate,
         rate_limit_storage_uri=storage_uri,
     )

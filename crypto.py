@@ -1,19 +1,7 @@
 """Seal and open refresh tokens: AES-256-GCM for our own, 3DES-CBC to read the legacy Ruby services' tokens.
 
-Sealed token, version 1 (base64url without padding of these bytes)::
-
-    offset 0         1              5                   17                  len-16         len
-           +---------+--------------+-------------------+-------------------+--------------+
-           | version | key id       | nonce             | ciphertext        | tag          |
-           | 0x01    | 4 bytes      | 12 bytes, random  | len(token) bytes  | 16 bytes     |
-           +---------+--------------+-------------------+-------------------+--------------+
-
-    key     = HKDF-SHA256(secret, salt="spotify-token-swap", info="v1 aes-256-gcm key", 32 bytes)
-    key id  = HKDF-SHA256(secret, salt="spotify-token-swap", info="v1 key id", 4 bytes)
-    AAD     = version || key id || Spotify client id (UTF-8)
-
-The key id picks the key among those configured (no trial decryption); the client id in the AAD
-means a token from another Spotify app does not open even under the same secret.
+The sealed token's byte layout, key derivation and associated data are specified in docs/token-format.md, the one
+copy of the format; the constants below follow it (tests/test_descriptors.py checks them against that page).
 """
 
 from __future__ import annotations

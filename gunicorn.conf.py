@@ -3,7 +3,17 @@
 import os
 import sys
 
+from dotenv import find_dotenv, load_dotenv
+
 from config import ConfigError, load_config
+
+# One configuration file for every way of starting: `flask run` reads .env (found from the working
+# directory up, by python-dotenv), so this does too, before the configuration is checked. A variable
+# already set in the environment, by the platform or the shell, wins over the file; set but empty
+# counts as set, as it does for `flask run`.
+_DOTENV = find_dotenv(usecwd=True)
+if _DOTENV:
+    load_dotenv(_DOTENV, override=False)
 
 # Refuse to start on a bad configuration, before binding a port or forking a worker.
 try:
@@ -14,9 +24,8 @@ except ConfigError as err:
 
 # Empty counts as unset, as for every variable the application reads.
 bind = f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
-# One process per core. A process's CPU, not waiting, is the limit: on 2 cores one worker
-# tops out near 540 refreshes/s against a 100 ms upstream, two reach 770-940, three no more
-# (bench/README.md). Platforms size WEB_CONCURRENCY to the instance.
+# One process per core. A process's CPU, not waiting, is the limit, so a worker beyond the cores
+# adds only memory (measured in bench/README.md). Platforms size WEB_CONCURRENCY to the instance.
 try:
     workers = int(os.environ.get("WEB_CONCURRENCY", "").strip() or "2")
     if workers < 1:
@@ -53,21 +62,25 @@ def when_ready(server) -> None:  # type: ignore[no-untyped-def]
     if cfg.workers > 1 and config.rate_limit_failures and config.rate_limit_storage_uri.startswith("memory://"):
         from limits import parse_many
 
-        budget = "; ".join(
-            f"{cfg.workers * item.amount} per "
-            + (item.GRANULARITY.name if item.multiples == 1 else f"{item.multiples} {item.GRANULARITY.name}s")
-            for item in parse_many(config.rate_limit_failures)
-        )
+        def budget(times: int) -> str:
+            # Written out, not as the variable's own text: the logger cuts a value at ";" (a code
+            # could follow one in a request line), and several windows are joined with ";".
+            return ", ".join(
+                f"{times * item.amount} per "
+                + (item.GRANULARITY.name if item.multiples == 1 else f"{item.multiples} {item.GRANULARITY.name}s")
+                for item in parse_many(config.rate_limit_failures)
+            )
+
         log.warning("RATE_LIMIT_STORAGE_URI is memory://: each of the %s workers counts failures on its "
-                    "own, so a client's failure budget is up to %s x RATE_LIMIT_FAILURES=%s = %s on each "
+                    "own, so a client's failure budget is up to %s x RATE_LIMIT_FAILURES (%s) = %s on each "
                     "instance. Set RATE_LIMIT_STORAGE_URI to a Redis URL to count them once.",
-                    cfg.workers, cfg.workers, config.rate_limit_failures, budget)
+                    cfg.workers, cfg.workers, budget(1), budget(cfg.workers))
+
 
 # Each request spends almost all its time waiting on Spotify: gevent workers keep up to
 # worker_connections of them waiting at once per process, at a few KB each, instead of a thread
 # or process apiece. app.UPSTREAM_POOL_SIZE matches it, so each has a pooled upstream connection.
-# Measured against gthread (2 x 128 threads): 767 vs 443 refreshes/s at 256 clients, and
-# 0.29 vs 0.49 ms of CPU per request for gunicorn's own part.
+# gthread workers pay a thread per waiting request and serve fewer (bench/README.md).
 worker_class = "gevent"
 # A worker whose connections are all taken accepts no more: as many as the open-file limit allows
 # (two files each, the client's and its own to Spotify), so that a flood of idle ones leaves room.
@@ -93,54 +106,39 @@ errorlog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
 
-# -- gunicorn's defaults, adjusted (pinned gunicorn==27.0.1): two costs per request removed, -------
-# -- no secret or forged line in its log, JSON for requests it cannot parse. -----------------------
+# -- Logging: no code, token or forged line in gunicorn's own log lines ---------------------------
 import json  # noqa: E402
 import re  # noqa: E402
+import socket  # noqa: E402
+import weakref  # noqa: E402
 
-from gunicorn import glogging, util  # noqa: E402
-from gunicorn.http import wsgi  # noqa: E402
+from gunicorn import glogging  # noqa: E402
 
-# A query string may hold a code or a token (a client that put its fields in the URL).
-_QUERY = re.compile(r"\?\S*")  # to the next space: quotes may be part of the query
-
-
-def _quoted(value: object) -> object:
-    if not isinstance(value, str):
-        return value
-    if not value.isprintable():
-        # A percent-encoded newline in a path must not start a forged log line.
-        value = value.encode("unicode_escape").decode("ascii")
-    return value.replace('"', '\\"')
+# What follows a path in a request target may hold a code or a token: the query (a client that put
+# its fields in the URL), a fragment, or path parameters. Redacted to the next space: gunicorn logs a
+# refused request line with repr, so a quote may be part of it.
+_AFTER_PATH = re.compile(r"[?#;]\S*")
 
 
 def _redacted(value: object) -> object:
-    return _QUERY.sub("?...", value) if isinstance(value, str) else value
+    return _AFTER_PATH.sub("...", value) if isinstance(value, str) else value
 
 
-class AccessLogger(glogging.Logger):
-    """gunicorn's logger, writing the access line above without the general formatter.
+def _escaped(value: object) -> object:
+    if isinstance(value, str) and not value.isprintable():
+        # A percent-encoded newline in a path must not start a forged log line.
+        return value.encode("unicode_escape").decode("ascii")
+    return value
 
-    The stock access() copies every request header, response header and environ entry into a
-    dict for each request; the line above needs six values. The output is the same, quoting
-    included; any other access_log_format goes through the stock code.
-    """
 
-    def access(self, resp, req, environ, request_time) -> None:  # type: ignore[no-untyped-def]
-        if self.cfg.access_log_format != access_log_format:
-            return super().access(resp, req, environ, request_time)
-        if not self.access_log_enabled:
-            return None
-        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
-        self.access_log.info(
-            '%s "%s %s" %s %s %sms',
-            *map(_quoted, (environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD"),
-                           environ.get("PATH_INFO"), status)),
-            resp.sent,
-            request_time.seconds * 1000 + int(request_time.microseconds / 1000),
-        )
-        return None
+class Logger(glogging.Logger):
+    """gunicorn's logger (the `logger_class` setting), with every logged value made safe."""
 
+    def atoms(self, resp, req, environ, request_time):  # type: ignore[no-untyped-def]
+        atoms = super().atoms(resp, req, environ, request_time)
+        for name in ("U", "r"):
+            atoms[name] = _redacted(atoms.get(name))
+        return {name: _escaped(value) for name, value in atoms.items()}
 
     def warning(self, msg, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # "Invalid request from ip=...: Invalid HTTP request line: 'POST /refresh?refresh_token=...'"
@@ -151,14 +149,49 @@ class AccessLogger(glogging.Logger):
         super().exception(_redacted(msg), *map(_redacted, args), **kwargs)
 
 
-logger_class = AccessLogger
+logger_class = Logger
+
+
+# -- A prompt stop: idle keep-alive connections are closed at once on SIGTERM ----------------------
+# The gevent worker waits for every connection's greenlet before it exits, and one waiting for a
+# next request on an idle keep-alive connection waits up to `keepalive`: graceful_timeout in all.
+# Each connection that has answered a request is remembered; once the worker stops, the reading
+# side of each is shut: an idle one ends at once, one still answering finishes its answer (its body
+# was read before the app began) and then closes, as gunicorn closes every connection once stopping.
+def post_request(worker, req, environ, resp) -> None:  # type: ignore[no-untyped-def]
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        worker.tokenswap_connections.add(sock)
+
+
+def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
+    worker.tokenswap_connections = weakref.WeakSet()
+    import gevent
+
+    def close_idle_on_stop() -> None:
+        while worker.alive:
+            gevent.sleep(0.1)
+        connections = list(worker.tokenswap_connections)
+        worker.log.info("Stopping: closing %d keep-alive connection(s) once their answers are sent", len(connections))
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:  # already closed by the client
+                pass
+
+    gevent.spawn(close_idle_on_stop)
+
+
+# -- The one patch of gunicorn's internals (pinned gunicorn==27.0.1) ------------------------------
+# gunicorn answers a request it cannot parse (bad request line or header, URL or header too long)
+# itself, with an HTML page that echoes the input; it has no setting or hook for that answer. The
+# contract says every error is JSON, so each worker replaces gunicorn.util.write_error, the function
+# that writes it. tests/test_e2e.py::test_requests_the_server_cannot_parse_get_json_errors fails if an
+# upgrade renames or bypasses it.
+from gunicorn import util  # noqa: E402
 
 
 def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # type: ignore[no-untyped-def]
-    """gunicorn's answer to a request it cannot parse, as JSON like every other error.
-
-    The stock one is an HTML page that echoes the bad input; this one does not echo it.
-    """
     body = json.dumps({
         "error": "invalid_request" if status_int < 500 else "server_error",
         "error_description": reason,
@@ -171,37 +204,5 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  #
     util.write_nonblock(sock, (head + body).encode("latin-1"))
 
 
-class _Held:
-    """Stands in for the client socket while a response's first write is assembled."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def sendall(self, data: bytes) -> None:
-        self.parts.append(data)
-
-
-class OneWriteResponse(wsgi.Response):
-    """gunicorn's response, sending the head with the first piece of body in one write.
-
-    The stock one writes them separately: two packets and two wakeups of the client for every
-    answer, and a wakeup is the dearest part of a send (on loopback, in a VM).
-    """
-
-    def write(self, arg: bytes) -> None:
-        if self.headers_sent or self.chunked:
-            return super().write(arg)
-        client, self.sock = self.sock, _Held()
-        try:
-            super().write(arg)
-        finally:
-            held, self.sock = self.sock, client
-        util.write(client, b"".join(held.parts))
-        return None
-
-
 def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
-    """In each worker: wsgi.create() builds every request's Response, and the worker writes
-    answers to unparseable requests, by these module-level names."""
-    wsgi.Response = OneWriteResponse
     util.write_error = _write_json_error

@@ -1,27 +1,42 @@
-"""Rate limits: failed requests per client address, and a ceiling on calls to Spotify.
+"""Rate limits: failed requests per client, refreshes per token, and a ceiling on calls to Spotify.
 
 The counting is the `limits` library's (sliding-window counters in memory or Redis); this module
-decides what is counted and when. Nothing here knows HTTP: the app asks and renders the answers.
+decides what is counted and when, and wires itself into a Flask app with `init_app`. The routes
+call `admit()` before each call to Spotify; answers are counted after each request. What a
+refusal looks like over HTTP is the app's business: it renders `Refused`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import logging
 import math
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TypeVar
 
+from flask import Flask, Response, current_app, g, request
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
+
+from config import Config
 
 T = TypeVar("T")
 
 # After a storage error, how long to count in this process's memory before trying the storage again.
 STORAGE_RETRY_SECONDS = 5.0
+# How many more calls in flight an address earns, at most, by calls of its that succeeded: room for
+# the users behind one carrier NAT, and the most a burst of junk can overshoot the failure budget.
+SUCCESS_ROOM = 10
+# How often, at most, a worker logs that an X-Forwarded-For entry was no address.
+_BAD_ADDRESS_LOG_SECONDS = 60.0
+# Requests that can never be refused nor counted: they read, and never reach Spotify.
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +44,131 @@ log = logging.getLogger(__name__)
 class Refused(Exception):
     """A limit is reached: retry after retry_after seconds.
 
-    `reason` is FAILURES (the address spent its failure budget), CEILING (the deployment's calls
-    to Spotify), or BUSY (the address's calls in flight did not end in time to make room).
+    `reason` is FAILURES (the client spent its failure budget), TOKEN (this refresh token was
+    refreshed too often), CEILING (the deployment's calls to Spotify), or BUSY (the client's calls
+    in flight did not end in time to make room).
     """
 
-    FAILURES, CEILING, BUSY = "failures", "ceiling", "busy"
+    FAILURES, TOKEN, CEILING, BUSY = "failures", "token", "ceiling", "busy"
 
     def __init__(self, retry_after: int, reason: str):
         self.retry_after = retry_after
         self.reason = reason
         super().__init__(f"{reason} limit reached, retry after {retry_after} s")
+
+
+# -- Flask wiring ---------------------------------------------------------------------------------
+
+
+def init_app(app: Flask, config: Config) -> None:
+    """Count and refuse requests of this app as the configuration says; nothing if every limit is off."""
+    if not (config.rate_limit_failures or config.spotify_max_rate or config.rate_limit_per_token):
+        return
+    limits = Limits(
+        config.rate_limit_failures,
+        config.spotify_max_rate,
+        config.rate_limit_storage_uri,
+        per_token=config.rate_limit_per_token,
+        wait=config.timeout,
+        logger=app.logger,
+    )
+    app.extensions["ratelimit"] = limits
+    if not limits.counts_failures:
+        return
+
+    @app.before_request
+    def refuse_spent_clients() -> None:
+        if request.method not in _SAFE_METHODS:
+            limits.check(client_key())
+
+    @app.after_request
+    def count_answer(response: Response) -> Response:
+        # 429 is not a new failure: being told to wait is not the client's mistake, nor is Spotify
+        # rate-limiting the app. 5xx are the server's or Spotify's. Successes count only in this
+        # process, as a track record that lets more of the client's calls run at once.
+        status = response.status_code
+        if request.method not in _SAFE_METHODS:
+            if status < 300:
+                limits.count_success(client_key())
+            elif 400 <= status < 500 and status != 429:
+                limits.count_failure(client_key())
+        return response
+
+    @app.teardown_request
+    def release(_: BaseException | None) -> None:
+        # After the answer has been counted: until then the call may still turn out a failure.
+        key = g.pop("ratelimit_in_flight", None)
+        if key is not None:
+            limits.release(key)
+
+
+def admit(refresh_token: str | None = None) -> None:
+    """Before a call to Spotify for this request: raise Refused, or let it go (counted in flight).
+
+    `refresh_token` is the raw token of a refresh: each token may be refreshed only so often.
+    """
+    limits: Limits | None = current_app.extensions.get("ratelimit")
+    if limits is None:
+        return
+    key = client_key()
+    limits.admit(key, refresh_token)
+    if limits.counts_failures:
+        g.ratelimit_in_flight = key
+
+
+def client_key() -> str:
+    """The client's address as its budget knows it: one spelling per address, one per IPv6 /64."""
+    key = canonical_address(request.remote_addr or "")
+    if key is not None:
+        return key
+    # Only a forwarded entry can be no address (ProxyFix keeps the connection's own for us).
+    connection = request.environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR") or ""
+    _log_bad_address(request.remote_addr or "")
+    return canonical_address(connection) or "unknown"
+
+
+@lru_cache(maxsize=4096)
+def canonical_address(spelling: str) -> str | None:
+    """An address as a budget key, or None if it is none.
+
+    Brackets, a port and a zone id are dropped; an IPv4-mapped IPv6 address is its IPv4 address;
+    any other IPv6 address stands for its /64, the block one home or phone is given.
+    """
+    text = spelling.strip()
+    if text.startswith("["):
+        text, bracket, _ = text[1:].partition("]")
+        if not bracket:
+            return None
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.partition(":")[0]
+    text = text.partition("%")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+_bad_address_logged = 0.0
+
+
+def _log_bad_address(spelling: str) -> None:
+    global _bad_address_logged
+    now = time.monotonic()
+    if now - _bad_address_logged >= _BAD_ADDRESS_LOG_SECONDS or not _bad_address_logged:
+        _bad_address_logged = now
+        current_app.logger.warning(
+            "X-Forwarded-For entry %s is not an address: counting its requests under the "
+            "connection's own address (logged at most once a minute)",
+            ascii(spelling[:100]),
+        )
+
+
+# -- the counts -----------------------------------------------------------------------------------
 
 
 def _retry_after(reset_at: float) -> int:
@@ -51,6 +181,16 @@ def _storage_options(uri: str) -> dict[str, float]:
     if uri.startswith(("redis://", "rediss://", "redis+unix://")):
         return {"socket_connect_timeout": 1, "socket_timeout": 1}
     return {}
+
+
+def storage_for(uri: str):  # type: ignore[no-untyped-def]
+    """The limits library's storage for RATE_LIMIT_STORAGE_URI, with timeouts on Redis."""
+    return storage_from_string(uri, **_storage_options(uri))
+
+
+def _token_key(refresh_token: str) -> str:
+    # Never the token itself: the storage (Redis) is not a place for credentials.
+    return hashlib.sha256(refresh_token.encode("utf-8")).hexdigest()[:32]
 
 
 class _WindowCount:
@@ -84,14 +224,14 @@ class _WindowCount:
 
 
 class Limits:
-    """The failure budget of each client address, and the deployment's ceiling on calls to Spotify.
+    """The failure budget of each client, the refreshes of each token, and the ceiling on calls to Spotify.
 
     A failure is counted once its answer is known (`count_failure`). Before that, `check` refuses
-    an address whose budget is spent, and `admit` keeps an address from having more calls to
-    Spotify in flight (in this process) than it has failures left plus successes in the window
-    (`count_success`), so a burst of concurrent junk cannot all reach Spotify before the first
-    failure is counted, while an address whose calls succeed is not held back: thousands of real
-    users can share one address.
+    a client whose budget is spent, and `admit` keeps a client from having more calls to Spotify
+    in flight (in this process) than it has failures left, plus its calls that succeeded in the
+    window up to SUCCESS_ROOM (`count_success`): a burst of concurrent junk gets no further than
+    the budget plus SUCCESS_ROOM, while thousands of real users behind one address are not
+    refused but take turns.
     """
 
     def __init__(
@@ -99,14 +239,17 @@ class Limits:
         failures: str | None,
         ceiling: str | None,
         storage_uri: str = "memory://",
+        *,
+        per_token: str | None = None,
+        wait: float = 10.0,
         logger: logging.Logger = log,
     ):
         self._log = logger
+        self._wait = wait
         self._failures: list[RateLimitItem] = parse_many(failures) if failures else []
         self._ceilings: list[RateLimitItem] = parse_many(ceiling) if ceiling else []
-        self._counter = SlidingWindowCounterRateLimiter(
-            storage_from_string(storage_uri, **_storage_options(storage_uri))
-        )
+        self._per_token: list[RateLimitItem] = parse_many(per_token) if per_token else []
+        self._counter = SlidingWindowCounterRateLimiter(storage_for(storage_uri))
         # A shared storage that stops answering must not take the service down: count in this
         # process's memory meanwhile.
         self._fallback = (
@@ -114,12 +257,11 @@ class Limits:
             else SlidingWindowCounterRateLimiter(MemoryStorage())
         )
         self._storage_down_until = 0.0
-        # Successful calls per address in this process, one count per failure limit over a window
-        # as long as the limit's: an address whose calls succeed earns room for more calls in
-        # flight (see admit). Not a limit, so not the limits library's: its memory storage costs
-        # an expiry timer per count, on the path of every successful request.
+        # Successful calls per client in this process, one count per failure limit over a window
+        # as long as the limit's. Not a limit, so not the limits library's: its memory storage
+        # costs an expiry timer per count, on the path of every successful request.
         self._successes = [_WindowCount(item.get_expiry()) for item in self._failures]
-        # Calls to Spotify in flight, and requests waiting for one to end, by address.
+        # Calls to Spotify in flight, and requests waiting for one to end, by client.
         self._in_flight: Counter[str] = Counter()
         self._waiting: Counter[str] = Counter()
         self._ended = threading.Condition()
@@ -128,99 +270,108 @@ class Limits:
     def counts_failures(self) -> bool:
         return bool(self._failures)
 
-    def check(self, address: str) -> None:
-        """Raise Refused if this address has no failures left in its budget."""
+    def check(self, key: str) -> None:
+        """Raise Refused if this client has no failures left in its budget."""
         for item in self._failures:
-            if not self._use(lambda c: c.test(item, "failures", address)):
-                reset_at = self._use(lambda c: c.get_window_stats(item, "failures", address)).reset_time
+            if not self._use(lambda c: c.test(item, "failures", key)):
+                reset_at = self._use(lambda c: c.get_window_stats(item, "failures", key)).reset_time
                 raise Refused(_retry_after(reset_at), Refused.FAILURES)
 
-    def count_failure(self, address: str) -> None:
-        """Count one failed request against this address."""
+    def count_failure(self, key: str) -> None:
+        """Count one failed request against this client."""
         for item in self._failures:
-            self._use(lambda c: c.hit(item, "failures", address))
+            self._use(lambda c: c.hit(item, "failures", key))
 
-    def count_success(self, address: str) -> None:
-        """Count one successful request of this address (never shared: it only sizes admit)."""
+    def count_success(self, key: str) -> None:
+        """Count one successful request of this client (never shared: it only sizes admit)."""
         for successes in self._successes:
-            successes.add(address)
+            successes.add(key)
 
-    def admit(self, address: str, wait: float) -> None:
-        """Before a call to Spotify on behalf of this address, after check(): raise Refused, or
-        count the call in flight.
+    def admit(self, key: str, refresh_token: str | None = None) -> None:
+        """Before a call to Spotify for this client, after check(): raise Refused, or count the
+        call in flight. Each admit of a client that counts failures is followed by one `release`.
 
-        Until its answer is known, a call in flight may be a failure. So an address may have as
-        many calls in flight (in this process) as it has failures left, plus the calls of its that
-        succeeded in the window: a burst of junk gets no further than its budget, while an address
-        whose requests succeed (thousands of users behind one carrier NAT) is soon not held back at
-        all. Past that, the request waits up to `wait` seconds for earlier calls to end; it is
-        refused only if the budget really is spent. Each admit must be followed by one `release`.
+        Until its answer is known, a call in flight may be a failure. Past the room the client
+        has, the request waits up to `wait` seconds for earlier calls to end; it is refused only
+        if the budget really is spent.
         """
+        spend = [(item, "spotify") for item in self._ceilings]
+        if refresh_token is not None:
+            token = _token_key(refresh_token)
+            for item in self._per_token:
+                if not self._use(lambda c: c.test(item, "token", token)):
+                    raise Refused(self._reset(item, "token", token), Refused.TOKEN)
+            spend += [(item, "token", token) for item in self._per_token]
         if self._failures:
-            self._admit(address, time.monotonic() + wait)
-        if self._ceilings:
-            try:
-                self._spend_ceiling()
-            except BaseException:  # Refused, or the greenlet killed while asking the storage
-                self.release(address)
-                raise
+            self._admit(key, time.monotonic() + self._wait)
+        try:
+            self._spend(spend)
+        except BaseException:  # Refused, or the greenlet killed while asking the storage
+            self.release(key)
+            raise
 
-    def _admit(self, address: str, deadline: float) -> None:
+    def _admit(self, key: str, deadline: float) -> None:
         with self._ended:
-            in_flight = self._in_flight[address]
-            if all(in_flight < successes.get(address) for successes in self._successes):
-                # Its successes alone make room. check() has just found the address within its
+            in_flight = self._in_flight[key]
+            if all(in_flight < self._earned(successes, key) for successes in self._successes):
+                # Its successes alone make room. check() has just found the client within its
                 # budget, so the failure counts need not be read again (a storage round trip).
-                self._in_flight[address] = in_flight + 1
+                self._in_flight[key] = in_flight + 1
                 return
         while True:
             room = []
             for item, successes in zip(self._failures, self._successes):
-                stats = self._use(lambda c: c.get_window_stats(item, "failures", address))
+                stats = self._use(lambda c: c.get_window_stats(item, "failures", key))
                 if stats.remaining <= 0:
                     raise Refused(_retry_after(stats.reset_time), Refused.FAILURES)
-                room.append(stats.remaining + successes.get(address))
+                room.append(stats.remaining + self._earned(successes, key))
             with self._ended:
-                in_flight = self._in_flight[address]
+                in_flight = self._in_flight[key]
                 if all(in_flight < calls for calls in room):
-                    self._in_flight[address] = in_flight + 1
+                    self._in_flight[key] = in_flight + 1
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Refused(1, Refused.BUSY)
-                self._waiting[address] += 1
+                self._waiting[key] += 1
                 try:
                     self._ended.wait(left)
                 finally:
-                    self._waiting[address] -= 1
-                    if not self._waiting[address]:
-                        del self._waiting[address]
+                    self._waiting[key] -= 1
+                    if not self._waiting[key]:
+                        del self._waiting[key]
 
-    def release(self, address: str) -> None:
-        """The call to Spotify admitted for this address is over, and its answer counted."""
+    @staticmethod
+    def _earned(successes: _WindowCount, key: str) -> int:
+        return min(successes.get(key), SUCCESS_ROOM)
+
+    def release(self, key: str) -> None:
+        """The call to Spotify admitted for this client is over, and its answer counted."""
         if not self._failures:
             return
         with self._ended:
-            left = self._in_flight[address] - 1
+            left = self._in_flight[key] - 1
             if left > 0:
-                self._in_flight[address] = left
+                self._in_flight[key] = left
             else:
-                del self._in_flight[address]
-            if self._waiting[address]:
+                del self._in_flight[key]
+            if self._waiting[key]:
                 self._ended.notify_all()
 
-    def _spend_ceiling(self) -> None:
+    def _spend(self, spend: list[tuple]) -> None:
         # Test every ceiling before spending any, so a refused call spends none of them.
-        def spend(counter: SlidingWindowCounterRateLimiter) -> list[RateLimitItem]:
-            full = [item for item in self._ceilings if not counter.test(item, "spotify")]
-            return full or [item for item in self._ceilings if not counter.hit(item, "spotify")]
+        def hit(counter: SlidingWindowCounterRateLimiter) -> list[tuple]:
+            full = [entry for entry in spend if not counter.test(*entry)]
+            return full or [entry for entry in spend if not counter.hit(*entry)]
 
-        full = self._use(spend)
+        full = self._use(hit) if spend else []
         if full:
-            reset_at = max(
-                self._use(lambda c: c.get_window_stats(item, "spotify")).reset_time for item in full
-            )
-            raise Refused(_retry_after(reset_at), Refused.CEILING)
+            retry_after = max(self._reset(*entry) for entry in full)
+            token = any(entry[1] == "token" for entry in full)
+            raise Refused(retry_after, Refused.TOKEN if token else Refused.CEILING)
+
+    def _reset(self, item: RateLimitItem, *identifiers: str) -> int:
+        return _retry_after(self._use(lambda c: c.get_window_stats(item, *identifiers)).reset_time)
 
     def _use(self, operation: Callable[[SlidingWindowCounterRateLimiter], T]) -> T:
         if self._fallback is None:

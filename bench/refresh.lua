@@ -1,10 +1,33 @@
 -- wrk script: POST a form-encoded body, and print the numbers bench/run.py reads as one JSON line
 -- (wrk's own summary has no p99). bench/run.py sets the environment:
 --   WRK_BODY           the body, e.g. refresh_token=<a sealed token>
+--   WRK_BODIES_FILE    or a file of bodies, one a line, sent in turn (each thread from its own place):
+--                      many tokens, each refreshed no more often than a real app's
 --   WRK_AUTHORIZATION  an Authorization header, when talking to the fake accounts service directly
 
 wrk.method = "POST"
-wrk.body = assert(os.getenv("WRK_BODY"), "set WRK_BODY")
+local bodies_file = os.getenv("WRK_BODIES_FILE")
+if bodies_file and bodies_file ~= "" then
+  local bodies, threads = {}, 0
+  for line in io.lines(bodies_file) do bodies[#bodies + 1] = line end
+
+  function setup(thread)
+    thread:set("start", threads)
+    threads = threads + 1
+  end
+
+  local next_body = 0
+  function init(args)
+    next_body = (start or 0) * math.floor(#bodies / 2)
+  end
+
+  function request()
+    next_body = next_body + 1
+    return wrk.format(nil, nil, nil, bodies[next_body % #bodies + 1])
+  end
+else
+  wrk.body = assert(os.getenv("WRK_BODY"), "set WRK_BODY or WRK_BODIES_FILE")
+end
 wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
 local authorization = os.getenv("WRK_AUTHORIZATION")
 if authorization and authorization ~= "" then

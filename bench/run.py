@@ -204,7 +204,11 @@ def run_wrk(url: str, clients: int, seconds: float, body: str, threads: int,
     """One wrk run POSTing body to url; the numbers printed by refresh.lua's done()."""
     command = ["wrk", "-t", str(min(threads, clients)), "-c", str(clients), "-d", f"{seconds:g}s",
                "--timeout", "5s", "--latency", "-s", str(BENCH / "refresh.lua"), url]
-    env = {**os.environ, "WRK_BODY": body, "WRK_AUTHORIZATION": authorization}
+    env = {**os.environ, "WRK_AUTHORIZATION": authorization}
+    if body.startswith("@"):  # a file of bodies, sent in turn
+        env["WRK_BODIES_FILE"] = body[1:]
+    else:
+        env["WRK_BODY"] = body
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH "):
@@ -263,12 +267,23 @@ def server_env(spotify_url: str, cert: str | None, workers: int | None) -> dict[
     return env
 
 
+def write_bodies(workdir: str, tokens: int) -> str:
+    """A file of refresh bodies, one sealed token each: apps refresh many tokens, each once an hour,
+    and the service's per-token ceiling (RATE_LIMIT_PER_TOKEN, on by default) holds them to that."""
+    sealer = TokenSealer([SECRET], CLIENT_ID)
+    path = os.path.join(workdir, "bodies.txt")
+    with open(path, "w") as out:
+        for n in range(tokens):
+            out.write(f"refresh_token={sealer.seal(f'{SPOTIFY_REFRESH_TOKEN}-{n}')}\n")
+    return path
+
+
 def run_scenario(scenario: Scenario, args: argparse.Namespace) -> Result:
     if args.clients:
         scenario = replace(scenario, clients=args.clients)
-    body = "refresh_token=" + TokenSealer([SECRET], CLIENT_ID).seal(SPOTIFY_REFRESH_TOKEN)
     result = Result(scenario.name, scenario.clients, scenario.latency * 1000)
     with tempfile.TemporaryDirectory(prefix="tokenswap-bench-") as workdir:
+        body = "@" + write_bodies(workdir, args.tokens)
         fake = FakeProcess(scenario, workdir)
         try:
             if args.baseline > 0 and scenario.latency > 0:
@@ -420,6 +435,8 @@ def main() -> int:
     parser.add_argument("--baseline", type=float, default=5,
                         help="seconds of the same load straight at the fake first, for its own latency (default 5; 0 skips)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument("--tokens", type=int, default=30000,
+                        help="distinct refresh tokens, sent in turn (default 30000: each under the per-token ceiling)")
     parser.add_argument("--clients", type=int, help="override the scenario's number of clients (for experiments)")
     parser.add_argument("--workers", type=int, help="WEB_CONCURRENCY for the server (default: the Procfile's)")
     parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),

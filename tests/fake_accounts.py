@@ -1,6 +1,15 @@
 """A stand-in for Spotify's accounts service: a real HTTP/1.1 server on 127.0.0.1 for end-to-end tests and benchmarks.
 
-It answers POST /api/token like Spotify does, and misbehaves on request. A fault is chosen per
+It answers POST /api/token like Spotify does, and misbehaves on request. For a browser it also plays
+the login and the Web API (`make run` offers it when .env has no Spotify credentials):
+
+    GET /authorize  a consent page (Agree / Cancel) for response_type=code, with PKCE (S256) or
+                    without; Agree redirects to redirect_uri with code and state, Cancel with
+                    error=access_denied. `decision=accept` or `decision=deny` in the query answers
+                    at once. A code it issued works once, with the same redirect_uri, and with the
+                    code_verifier of its code_challenge ("code_verifier was incorrect" otherwise).
+    GET /v1/me      {"display_name": ...} for an access token it issued (Bearer), with CORS.
+ A fault is chosen per
 request by the authorization code or refresh token it receives (so concurrent tests do not
 interfere), or for every request by `fault`:
 
@@ -23,20 +32,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
+import hashlib
+import html
 import json
 import os
+import secrets
 import socket
 import ssl
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 CLIENT_ID = "test-client-id"
 CLIENT_SECRET = "test-client-secret"
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
+_REASONS = {200: "OK", 204: "No Content", 302: "Found", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
 
 
 def make_certificate(directory: str) -> tuple[str, str]:
@@ -55,7 +69,8 @@ class FakeAccounts:
     """The fake accounts service; start() runs it on its own thread and event loop."""
 
     def __init__(self, *, latency: float = 0.0, connect_delay: float = 0.0, fault: str | None = None,
-                 tls: bool = False, host: str = "127.0.0.1", port: int = 0, record: bool = True):
+                 tls: bool = False, host: str = "127.0.0.1", port: int = 0, record: bool = True,
+                 display_name: str = "Stand-in Listener", redirect_uris: tuple[str, ...] | None = None):
         self.latency = latency
         self.connect_delay = connect_delay
         self.fault = fault
@@ -63,6 +78,14 @@ class FakeAccounts:
         self.port = port
         self.record = record
         self.requests: list[dict] = []
+        # The browser side: what /authorize received (when recording), the codes it issued (None once
+        # redeemed), the last access tokens /api/token handed out (for /v1/me). redirect_uris: the ones
+        # "registered" for CLIENT_ID; None accepts any.
+        self.display_name = display_name
+        self.redirect_uris = redirect_uris
+        self.authorizations: list[dict[str, str]] = []
+        self._logins: dict[str, dict | None] = {}
+        self._access_tokens: collections.deque[str] = collections.deque(maxlen=1000)
         self.connections = 0
         self.served = 0
         self.cert_file = None
@@ -83,6 +106,7 @@ class FakeAccounts:
 
     def reset(self) -> None:
         self.requests.clear()
+        self.authorizations.clear()
         self.connections = 0
         self.served = 0
 
@@ -148,6 +172,9 @@ class FakeAccounts:
         if path == "/_reset" and method == "POST":
             self.reset()
             return 200, {}, b"{}"
+        browser = self.browser_answer(method, path, headers)
+        if browser is not None:
+            return browser
         if path != "/api/token" or method != "POST":
             return 404, {}, json.dumps({"error": "not_found"}).encode()
 
@@ -157,11 +184,13 @@ class FakeAccounts:
         if self.record and faults:
             self.requests.append({"headers": headers, "form": form, "content_type": headers.get("content-type", "")})
 
-        expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-        if headers.get("authorization") != expected:
-            return 401, {}, json.dumps({"error": "invalid_client", "error_description": "Invalid client"}).encode()
+        refused = _refused_credentials(headers.get("authorization", ""))
+        if refused:
+            return 400, {}, json.dumps({"error": "invalid_client", "error_description": refused}).encode()
 
         grant = form.get("grant_type")
+        if grant == "client_credentials":
+            return 200, {}, json.dumps({"access_token": f"app-{self.served}", "token_type": "Bearer", "expires_in": 3600}).encode()
         subject = form.get("code") if grant == "authorization_code" else form.get("refresh_token")
         if grant not in ("authorization_code", "refresh_token") or not subject:
             return 400, {}, json.dumps({"error": "invalid_request"}).encode()
@@ -171,6 +200,10 @@ class FakeAccounts:
         if subject.startswith("invalid"):
             description = "Invalid authorization code" if grant == "authorization_code" else "Invalid refresh token"
             return 400, {}, json.dumps({"error": "invalid_grant", "error_description": description}).encode()
+        if grant == "authorization_code" and subject in self._logins:
+            refused = self._redeem(form)
+            if refused is not None:
+                return refused
 
         tokens = {"access_token": f"access-{self.served}", "token_type": "Bearer", "expires_in": 3600,
                   "scope": "user-read-private"}
@@ -178,7 +211,91 @@ class FakeAccounts:
             tokens["refresh_token"] = f"AQ-refresh-for-{subject}"
         elif subject.startswith("rotate-"):
             tokens["refresh_token"] = "rotated-" + subject[len("rotate-"):]
+        self._access_tokens.append(tokens["access_token"])
         return 200, {}, json.dumps(tokens).encode()
+
+    # -- the browser side: login and Web API -----------------------------------------------------
+    def browser_answer(self, method: str, path: str, headers: dict[str, str]):
+        """The answer to GET /authorize or /v1/me (and its preflight); None for any other request."""
+        route, _, query = path.partition("?")
+        if route == "/authorize" and method == "GET":
+            return self._authorize(dict(parse_qsl(query, keep_blank_values=True)))
+        if route == "/v1/me" and method == "OPTIONS":
+            return 204, {**_CORS, "Access-Control-Allow-Headers": "Authorization",
+                         "Access-Control-Allow-Methods": "GET", "Access-Control-Max-Age": "600"}, b""
+        if route == "/v1/me" and method == "GET":
+            return self._me(headers.get("authorization", ""))
+        return None
+
+    def _authorize(self, query: dict[str, str]):
+        if self.record:
+            self.authorizations.append(query)
+        # Like Spotify: an unknown client or redirect URI gets an error page, never a redirect.
+        if query.get("client_id") != CLIENT_ID:
+            return 400, _HTML, _page("INVALID_CLIENT: Invalid client")
+        redirect_uri = query.get("redirect_uri", "")
+        if not redirect_uri or (self.redirect_uris is not None and redirect_uri not in self.redirect_uris):
+            return 400, _HTML, _page("INVALID_CLIENT: Invalid redirect URI")
+
+        def back(**fields: str):
+            if "state" in query:
+                fields["state"] = query["state"]
+            separator = "&" if "?" in redirect_uri else "?"
+            return 302, {**_HTML, "Location": redirect_uri + separator + urlencode(fields)}, b""
+
+        if query.get("response_type") != "code":
+            return back(error="unsupported_response_type")
+        challenge, challenge_method = query.get("code_challenge"), query.get("code_challenge_method")
+        if (challenge or challenge_method) and (not challenge or challenge_method != "S256"):
+            return back(error="invalid_request", error_description="code_challenge_method must be S256")
+        decision = query.get("decision")
+        if decision is None:
+            return 200, _HTML, _consent_page(query)
+        if decision != "accept":
+            return back(error="access_denied")
+        code = "AQ-code-" + secrets.token_urlsafe(24)
+        self._logins[code] = {"redirect_uri": redirect_uri, "code_challenge": challenge}
+        return back(code=code)
+
+    def _redeem(self, form: dict[str, str]):
+        """Spotify's checks on a code /authorize issued; None when it may be swapped. It works once."""
+        login, self._logins[form["code"]] = self._logins[form["code"]], None
+
+        def invalid_grant(description: str):
+            return 400, {}, json.dumps({"error": "invalid_grant", "error_description": description}).encode()
+
+        if login is None:
+            return invalid_grant("Invalid authorization code")
+        if form.get("redirect_uri") != login["redirect_uri"]:
+            return invalid_grant("Invalid redirect URI")
+        if login["code_challenge"] is not None:
+            digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+            if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != login["code_challenge"]:
+                return invalid_grant("code_verifier was incorrect")
+        return None
+
+    def _me(self, authorization: str):
+        scheme, _, token = authorization.partition(" ")
+        if scheme != "Bearer" or not token:
+            return 401, _CORS, json.dumps({"error": {"status": 401, "message": "No token provided"}}).encode()
+        if token not in self._access_tokens:
+            return 401, _CORS, json.dumps({"error": {"status": 401, "message": "Invalid access token"}}).encode()
+        profile = {"display_name": self.display_name, "id": "stand-in-user", "type": "user"}
+        return 200, _CORS, json.dumps(profile).encode()
+
+
+def _refused_credentials(authorization: str) -> str | None:
+    """Spotify's description when it refuses the client's credentials (a 400 invalid_client), else None."""
+    scheme, _, encoded = authorization.partition(" ")
+    try:
+        client_id, _, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except ValueError:
+        return "Invalid client"
+    if scheme.lower() != "basic" or client_id != CLIENT_ID:
+        return "Invalid client"
+    if secret != CLIENT_SECRET:
+        return "Invalid client secret"
+    return None
 
 
 _FAULT_ANSWERS = {
@@ -278,6 +395,43 @@ class _Connection(asyncio.Protocol):
         self.transport.abort()
 
 
+_HTML = {"Content-Type": "text/html; charset=utf-8"}
+_CORS = {"Access-Control-Allow-Origin": "*"}
+
+
+def _page(body: str) -> bytes:
+    # No favicon request: it would be a 404 in the browser's console.
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">'
+        f"<title>Stand-in for Spotify</title></head><body>{body}</body></html>"
+    ).encode()
+
+
+def _consent_page(query: dict[str, str]) -> bytes:
+    fields = "".join(
+        f'<input type="hidden" name="{html.escape(name)}" value="{html.escape(value)}">'
+        for name, value in query.items()
+    )
+    return _page(
+        "<h1>Stand-in for Spotify</h1>"
+        "<p>This is <code>tests/fake_accounts.py</code>, not Spotify: there is no account and no password.</p>"
+        f"<p><code>{html.escape(query.get('client_id', ''))}</code> asks for "
+        f"<code>{html.escape(query.get('scope', '') or '(no scope)')}</code>.</p>"
+        f'<form method="get" action="/authorize">{fields}'
+        '<button name="decision" value="accept">Agree</button> '
+        '<button name="decision" value="deny">Cancel</button></form>'
+    )
+
+
+def describe(url: str) -> str:
+    """What a person should know about a stand-in running at url."""
+    return (
+        f"Stand-in for Spotify (tests/fake_accounts.py) at {url}: NOT Spotify. No account needed; codes and\n"
+        f"tokens are fake. Login {url}/authorize (Agree or Cancel), tokens {url}/api/token,\n"
+        f"Web API {url}/v1/me, client ID {CLIENT_ID}."
+    )
+
+
 def _http_answer(status: int, extra: dict[str, str], payload: bytes) -> bytes:
     head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {len(payload)}"]
     if "Content-Type" not in extra:
@@ -312,6 +466,9 @@ def main() -> None:
                 out.write(info)
             os.replace(args.ready_file + ".tmp", args.ready_file)
         print(info, flush=True)
+        print(describe(fake.url), file=sys.stderr)
+        print(f"Point a service at it: SPOTIFY_ACCOUNTS_URL={fake.url} SPOTIFY_API_URL={fake.url} "
+              f"SPOTIFY_CLIENT_ID={CLIENT_ID} SPOTIFY_CLIENT_SECRET={CLIENT_SECRET}", file=sys.stderr, flush=True)
         await asyncio.Event().wait()
 
     try:

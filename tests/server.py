@@ -8,11 +8,14 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
+
+from config import VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,9 +25,8 @@ ACCESS_LINE = re.compile(
 )
 
 
-# A requests Response keeps its socket open as long as it lives, and an idle keep-alive connection
-# holds a gevent worker at SIGTERM for the whole graceful_timeout (30 s). Tests that stop a server
-# while their responses are still around send this, so the server closes each connection itself.
+# A requests Response keeps its socket open as long as it lives. Tests send this so that the server
+# closes each connection itself and no socket is left to the garbage collector's ResourceWarning.
 CLOSE = {"Connection": "close"}
 
 
@@ -61,7 +63,11 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
-            "PATH": os.environ["PATH"],
+            # Every setting of the service blank (unset) unless given: gunicorn.conf.py reads a developer's
+            # .env for what the environment leaves out, and that must not change what a test runs with.
+            **dict.fromkeys(VARIABLES, ""),
+            # gunicorn from the Python running the tests, its virtualenv activated or not (`make test`).
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "HOME": os.environ.get("HOME", "/tmp"),
             "LANG": "C.UTF-8",
             "PORT": str(self.port),

@@ -112,6 +112,8 @@ def test_callback_without_scheme_is_refused():
         ("SPOTIFY_ACCOUNTS_URL", "accounts.spotify.com"),
         ("SPOTIFY_ACCOUNTS_URL", "ftp://accounts.spotify.com"),
         ("SPOTIFY_ACCOUNTS_URL", "https://"),
+        ("SPOTIFY_API_URL", "api.spotify.com"),
+        ("SPOTIFY_API_URL", "wss://api.spotify.com"),
         ("RATE_LIMIT_STORAGE_URI", "mysql://db/limits"),
     ],
 )
@@ -156,6 +158,7 @@ def test_test_config_overrides_the_environment(monkeypatch):
 def test_defaults():
     config = load_config(MINIMAL)
     assert config.accounts_url == "https://accounts.spotify.com"
+    assert config.api_url == "https://api.spotify.com"
     assert config.timeout == 10
     assert config.rate_limit_failures == "60/minute"
     assert config.rate_limit_storage_uri == "memory://"
@@ -171,6 +174,7 @@ def test_blank_optional_values_mean_their_defaults():
         for name in (
             "LEGACY_ENCRYPTION_SECRET",
             "SPOTIFY_ACCOUNTS_URL",
+            "SPOTIFY_API_URL",
             "SPOTIFY_TIMEOUT",
             "CORS_ORIGINS",
             "TRUSTED_PROXIES",
@@ -207,6 +211,7 @@ def test_values_are_parsed():
         {
             **MINIMAL,
             "SPOTIFY_ACCOUNTS_URL": "http://127.0.0.1:8080/",
+            "SPOTIFY_API_URL": "http://127.0.0.1:8081/",
             "SPOTIFY_TIMEOUT": "2.5",
             "TRUSTED_PROXIES": "2",
             "CORS_ORIGINS": "*",
@@ -217,6 +222,7 @@ def test_values_are_parsed():
         }
     )
     assert config.accounts_url == "http://127.0.0.1:8080"
+    assert config.api_url == "http://127.0.0.1:8081"
     assert config.timeout == 2.5
     assert config.trusted_proxies == 2
     assert config.cors_origins == ("*",)

@@ -64,7 +64,7 @@ def unb64url(token: str) -> bytes:
 def reference_seal(
     secret: str, client_id: str, nonce: bytes, plaintext: str, version: int = 1
 ) -> str:
-    """The README's format, built from primitives without crypto.py."""
+    """The format of docs/token-format.md, built from primitives without crypto.py."""
     salt = b"spotify-token-swap"
     key = HKDF(secret.encode(), 32, salt, SHA256, context=b"v1 aes-256-gcm key")
     kid = HKDF(secret.encode(), 4, salt, SHA256, context=b"v1 key id")

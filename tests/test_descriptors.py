@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import base64
 import contextlib
 import dataclasses
 import fnmatch
+import io
 import json
 import os
 import re
@@ -16,11 +18,15 @@ import signal
 import subprocess
 import sys
 import time
+import tokenize
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
+from Crypto.Cipher import AES
+from Crypto.Hash import SHA256
+from Crypto.Protocol.KDF import HKDF
 
 import crypto
 from config import SERVER_VARIABLES, VARIABLES, generate_secret, load_config
@@ -206,7 +212,8 @@ def test_config_reads_exactly_the_listed_variables():
     assert environ.read == set(VARIABLES)
 
 
-def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch):
+def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # away from a developer's .env, which would add its names
     environ = _Recording({**os.environ, **DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
     monkeypatch.setattr(os, "environ", environ)
     runpy.run_path(str(ROOT / "gunicorn.conf.py"))
@@ -352,8 +359,9 @@ def test_dockerfile_installs_only_the_runtime_requirements_without_a_cache():
 def test_dockerfile_copies_every_module_the_service_imports_and_nothing_else():
     copied = set(docker_copied_files())
     needed = local_imports(ROOT / "app.py") | local_imports(ROOT / "gunicorn.conf.py")
-    assert needed == {"app.py", "config.py", "crypto.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
-    assert copied == needed | {"requirements.txt"}
+    assert needed == {"app.py", "check.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
+    # The landing page's files are read by Flask from these folders, not imported.
+    assert copied == needed | {"requirements.txt", "templates", "static"}
 
 
 def test_dockerfile_defaults_port_to_8080_and_bakes_in_no_setting():
@@ -364,7 +372,8 @@ def test_dockerfile_defaults_port_to_8080_and_bakes_in_no_setting():
     assert not set(env) & set(VARIABLES), "settings and secrets come from the platform, not the image"
 
 
-def test_gunicorn_config_binds_the_port_it_is_given(monkeypatch):
+def test_gunicorn_config_binds_the_port_it_is_given(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a developer's .env would leave its values in this process's environment
     # The Dockerfile's PORT is only a default: the platform's PORT reaches gunicorn.conf.py.
     for name, value in {**DUMMIES, "ENCRYPTION_SECRET": generate_secret(), "PORT": "9123"}.items():
         monkeypatch.setenv(name, value)
@@ -391,7 +400,10 @@ def test_dockerignore_keeps_secrets_and_tests_out_and_the_service_in():
 def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
     """The files the Dockerfile copies, alone in a directory, run its CMD; its HEALTHCHECK sees /health."""
     for name in docker_copied_files():
-        shutil.copy(ROOT / name, tmp_path / name)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tmp_path / name)
+        else:
+            shutil.copy(ROOT / name, tmp_path / name)
     port = free_port()
     env = {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -426,6 +438,11 @@ def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
             assert time.monotonic() < deadline, "the service did not answer /health"
             time.sleep(0.1)
         assert healthcheck() == 0
+        # The landing page and its files, from the image's copies (Connection: close, so no keep-alive
+        # connection holds a worker at SIGTERM).
+        for path, text in (("/", "Spotify token swap"), ("/static/page.js", "code_verifier")):
+            answer = requests.get(f"http://127.0.0.1:{port}{path}", headers={"Connection": "close"}, timeout=5)
+            assert answer.status_code == 200 and text in answer.text, path
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
@@ -441,15 +458,30 @@ def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
 # --- the README tells the truth about commands and paths -----------------------------------------
 
 
+def makefile_recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"{re.escape(target)}:", line))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
 def test_readme_test_command_is_the_one_ci_runs():
     ci_lines = [
         line.strip()
         for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    (test_command,) = [line for line in ci_lines if "pytest" in line]
-    assert re.search(rf"^\s*{re.escape(test_command)}\s*$", readme(), re.M)
-    assert re.search(r"^\s*pip install -r requirements-dev\.txt\s*$", readme(), re.M)
+    # CI ends with `make test`, which runs pytest the README's way, in the virtualenv it installed.
+    assert ci_lines[-1] == "make test"
+    assert "$(VENV)/bin/python -m pytest" in makefile_recipe("test")
+    assert any("requirements-dev.txt" in line for line in makefile_recipe("$(VENV)/.test-installed"))
+    # The README's quick start shows `make test`.
+    assert re.search(r"^\s*make test\s*(#.*)?$", readme(), re.M)
 
 
 def test_readme_shows_the_procfile_web_command():
@@ -458,16 +490,249 @@ def test_readme_shows_the_procfile_web_command():
 
 def test_readme_documents_every_route(app):
     paths = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
-    assert {"/swap", "/api/token", "/refresh", "/api/refresh_token", "/health"} <= paths
-    text = readme()
+    assert {"/swap", "/api/token", "/refresh", "/api/refresh_token", "/health", "/", "/callback"} <= paths
+    # The README, or the docs/ it points to.
+    text = "\n".join([readme(), *(path.read_text() for path in sorted((ROOT / "docs").glob("*.md")))])
     for path in paths:
         assert f"`POST {path}`" in text or f"`GET {path}`" in text, path
 
 
-def test_readme_token_diagram_is_the_one_in_crypto():
-    lines = crypto.__doc__.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip().startswith("offset 0"))
-    end = next(i for i, line in enumerate(lines) if line.strip().startswith("AAD"))
-    diagram = "\n".join(lines[start : end + 1])
-    assert "+---------+" in diagram
-    assert diagram in readme()
+
+# --- README.md is a quick start, docs/ beside it, every link lands -------------------------------
+
+DOCS = ROOT / "docs"
+MAX_README_LINES = 250
+# What a newcomer types to run the service: the development server, a make target, or the Procfile's command.
+RUN_COMMAND = re.compile(r"^\s*(flask --app app run|make run)\b", re.M)
+MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# A throughput, latency or CPU figure: those live in bench/README.md only.
+PERFORMANCE_FIGURE = re.compile(
+    r"\d[\d.,-]*\s*(?:req/s|requests?/s|refreshes/s|requests per second|µs|us\b|ms of CPU|MB per worker)"
+    r"|\bp(?:50|90|99)\b",
+    re.I,
+)
+
+
+def markdown_files() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def without_code_blocks(path: Path) -> str:
+    """A Markdown file without its fenced and indented code blocks."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    return re.sub(r"^(?: {4}|\t).*$", "", text, flags=re.M)
+
+
+def prose(path: Path) -> str:
+    """A Markdown file without any code: blocks and inline code spans."""
+    return re.sub(r"`[^`\n]*`", "", without_code_blocks(path))
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for a file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {
+        re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        for title in re.findall(r"^#{1,6} (.+)$", without_code_blocks(path), re.M)
+    }
+
+
+def relative_links(path: Path) -> list[str]:
+    return [target for target in MARKDOWN_LINK.findall(prose(path)) if not re.match(r"[a-z]+:", target)]
+
+
+def test_readme_is_a_quick_start():
+    lines = readme().splitlines()
+    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines; move the details to docs/"
+    assert "## Quick start" in lines[:20]
+    first_run = RUN_COMMAND.search(readme())
+    assert first_run, "README.md shows no command that runs the service"
+    line = readme()[: first_run.start()].count("\n") + 1
+    assert line <= 40, f"a newcomer reads {line} lines before the command that runs the service"
+
+
+def test_every_doc_is_linked_from_the_readme():
+    linked = {(ROOT / target.split("#")[0]).resolve() for target in relative_links(ROOT / "README.md")}
+    docs = set(DOCS.glob("*.md"))
+    assert docs, "docs/ is empty"
+    for doc in docs:
+        assert doc.resolve() in linked, f"{doc.name} is not linked from README.md"
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda path: str(path.relative_to(ROOT)))
+def test_relative_links_resolve(path):
+    for target in relative_links(path):
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        assert linked.exists(), f"{path.name} links to {target}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in heading_anchors(linked), f"{path.name} links to {target}: no such heading"
+
+
+def test_relative_link_check_sees_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\nSee [a](missing.md), [b](#title), [c](#nowhere), `[d](in-code.md)`.\n")
+    assert relative_links(page) == ["missing.md", "#title", "#nowhere"]
+    assert heading_anchors(page) == {"title"}
+    assert heading_anchors(ROOT / "docs" / "operations.md") >= {"behind-a-proxy-trusted_proxies"}
+
+
+def test_performance_figures_live_in_bench_readme_only():
+    texts = {path: path.read_text() for path in markdown_files() if path.parent.name != "bench"}
+    for module in sorted(ROOT.glob("*.py")):
+        tokens = tokenize.generate_tokens(io.StringIO(module.read_text()).readline)
+        comments = [token.string for token in tokens if token.type == tokenize.COMMENT]
+        docstrings = [
+            ast.get_docstring(node) or ""
+            for node in ast.walk(ast.parse(module.read_text()))
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        texts[module] = "\n".join(comments + docstrings)
+    assert PERFORMANCE_FIGURE.search("two reach 770-940 refreshes/s, 0.29 ms of CPU"), "the pattern finds figures"
+    for path, text in texts.items():
+        found = PERFORMANCE_FIGURE.search(text)
+        assert not found, f"{path.relative_to(ROOT)}: {found.group(0)!r}; figures belong in bench/README.md"
+    assert PERFORMANCE_FIGURE.search((ROOT / "bench" / "README.md").read_text())
+
+
+def test_the_token_diagram_has_one_copy():
+    border = re.compile(r"^\s*\+-+\+-+\+", re.M)
+    places = [ROOT / "README.md", *DOCS.glob("*.md"), *ROOT.glob("*.py"), ROOT / "bench" / "README.md"]
+    holders = [path.relative_to(ROOT).as_posix() for path in places if border.search(path.read_text())]
+    assert holders == ["docs/token-format.md"]
+
+
+def test_dependencies_table_names_each_direct_runtime_requirement():
+    direct = []
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if not line.strip() and direct:
+            break  # the pins below the first blank line are what these pull in
+        if line.strip() and not line.startswith("#"):
+            direct.append(line.split("==")[0].lower())
+    decisions = (DOCS / "decisions.md").read_text()
+    section = re.search(r"^## Dependencies\n(.*?)(?=^## |\Z)", decisions, re.M | re.S)
+    assert section, "docs/decisions.md has no Dependencies section"
+    header, *rows = re.findall(r"^\| ([a-z][a-z0-9-]*) \| .+ \|$", section.group(1), re.M)
+    assert header == "package"
+    assert sorted(rows) == sorted(direct)
+
+
+# --- docs/token-format.md is the format crypto.py implements ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenFormat:
+    """What docs/token-format.md says, parsed."""
+
+    offsets: list[str]
+    fields: list[str]
+    version: int
+    sizes: dict[str, int]
+    derivations: dict[str, tuple[bytes, bytes, int]]  # name -> (salt, info, length)
+    aad: list[str]
+    max_chars: int
+    example: tuple[int, int, int]  # plaintext characters -> bytes, characters
+
+
+def token_format() -> TokenFormat:
+    text = (ROOT / "docs" / "token-format.md").read_text()
+    lines = text.splitlines()
+
+    def row(pattern: str) -> list[str]:
+        (line,) = [line for line in lines if re.search(pattern, line)]
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    (offsets,) = [line.split()[1:] for line in lines if line.strip().startswith("offset ")]
+    fields = row(r"^\s*\|\s*version\s*\|")
+    values = row(r"^\s*\|\s*0x[0-9a-f]{2}\s*\|")
+    sizes = {
+        name: int(match.group(1))
+        for name, value in zip(fields, values)
+        if (match := re.fullmatch(r"(\d+) bytes(, random)?", value))
+    }
+    derivations = {
+        match[1]: (match[2].encode(), match[3].encode(), int(match[4]))
+        for match in re.finditer(
+            r'^\s*(key id|key)\s*= HKDF-SHA256\(secret, salt="([^"]+)", info="([^"]+)", (\d+) bytes\)$',
+            text,
+            re.M,
+        )
+    }
+    aad = re.search(r"^\s*AAD\s*= (.+)$", text, re.M)
+    max_chars = re.search(r"tokens are at\s+most (\d+) characters", text)
+    example = re.search(r"A (\d+)-character Spotify refresh token seals to (\d+) bytes, (\d+) characters", text)
+    assert aad and max_chars and example, "docs/token-format.md lost a line this test reads"
+    return TokenFormat(
+        offsets=offsets,
+        fields=fields,
+        version=int(values[0], 16),
+        sizes=sizes,
+        derivations=derivations,
+        aad=aad.group(1).split(" || "),
+        max_chars=int(max_chars.group(1)),
+        example=tuple(int(n) for n in example.groups()),  # type: ignore[arg-type]
+    )
+
+
+def test_crypto_points_to_the_token_format_page_instead_of_a_copy():
+    assert "docs/token-format.md" in crypto.__doc__
+    assert not re.search(r"^\s*\+-+\+", crypto.__doc__, re.M), "the diagram lives in docs/token-format.md only"
+
+
+def test_token_format_page_matches_the_constants_in_crypto():
+    fmt = token_format()
+    assert fmt.fields == ["version", "key id", "nonce", "ciphertext", "tag"]
+    assert fmt.version == crypto.VERSION
+    assert fmt.sizes == {"key id": crypto.KEY_ID_SIZE, "nonce": crypto.NONCE_SIZE, "tag": crypto.TAG_SIZE}
+    assert fmt.offsets == [
+        "0",
+        "1",
+        str(crypto.HEADER_SIZE),
+        str(crypto.HEADER_SIZE + crypto.NONCE_SIZE),
+        f"len-{crypto.TAG_SIZE}",
+        "len",
+    ]
+    assert crypto.MIN_TOKEN_SIZE == crypto.HEADER_SIZE + crypto.NONCE_SIZE + crypto.TAG_SIZE
+    assert set(fmt.derivations) == {"key", "key id"}
+    assert fmt.derivations["key"][2] == 32, "AES-256"
+    assert fmt.derivations["key id"][2] == crypto.KEY_ID_SIZE
+    assert fmt.max_chars == crypto.MAX_TOKEN_CHARS
+
+
+def _documented_parts(fmt: TokenFormat, secret: str, client_id: str) -> tuple[bytes, bytes, bytes]:
+    """(key, header, associated data) for a secret, derived only from what the page says."""
+    key, kid = (
+        HKDF(secret.encode("utf-8"), length, salt, SHA256, context=info)
+        for salt, info, length in (fmt.derivations["key"], fmt.derivations["key id"])
+    )
+    parts = {"version": bytes([fmt.version]), "key id": kid, "Spotify client id (UTF-8)": client_id.encode("utf-8")}
+    header = parts["version"] + parts["key id"]
+    return key, header, b"".join(parts[name] for name in fmt.aad)
+
+
+def test_a_token_built_from_the_page_opens_and_a_sealed_token_reads_by_the_page():
+    fmt = token_format()
+    secret, client_id, plaintext = "a documented secret, 32 chars ok", "documented-client", "AQ-refresh-token_é"
+    key, header, aad = _documented_parts(fmt, secret, client_id)
+    sealer = crypto.TokenSealer([secret], client_id)
+
+    nonce = bytes(range(fmt.sizes["nonce"]))
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=fmt.sizes["tag"])
+    cipher.update(aad)
+    ciphertext, tag = cipher.encrypt_and_digest(plaintext.encode("utf-8"))
+    built = base64.urlsafe_b64encode(header + nonce + ciphertext + tag).rstrip(b"=").decode("ascii")
+    assert sealer.open(built) == crypto.Opened(plaintext, needs_reseal=False)
+
+    sealed = sealer.seal(plaintext)
+    data = base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))
+    body_at, tag_at = int(fmt.offsets[3]), len(data) - fmt.sizes["tag"]
+    assert data[: int(fmt.offsets[2])] == header
+    cipher = AES.new(key, AES.MODE_GCM, nonce=data[int(fmt.offsets[2]) : body_at], mac_len=fmt.sizes["tag"])
+    cipher.update(aad)
+    assert cipher.decrypt_and_verify(data[body_at:tag_at], data[tag_at:]).decode("utf-8") == plaintext
+
+
+def test_token_format_page_example_length_is_true():
+    characters, size, token_chars = token_format().example
+    sealed = crypto.TokenSealer(["example secret, long enough"], "client").seal("A" * characters)
+    assert len(sealed) == token_chars
+    assert len(base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))) == size

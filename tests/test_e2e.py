@@ -155,7 +155,7 @@ def test_refresh_sends_spotify_the_raw_token_from_a_swap(server, fake, path, enc
 
     assert body["access_token"].startswith("access-")
     assert body["expires_in"] == 3600
-    assert "refresh_token" not in body  # Spotify sent none: the client keeps the one it has
+    assert body["refresh_token"] == sealed  # Spotify sent none: the one the client has, as sent
     [sent] = fake.requests
     assert sent["headers"]["authorization"] == BASIC_AUTH
     assert sent["form"] == {"grant_type": "refresh_token", "refresh_token": f"AQ-refresh-for-{code}"}
@@ -170,7 +170,7 @@ def test_a_rotated_refresh_token_comes_back_sealed_and_refreshes_in_turn(server,
     assert SEALER.open(rotated).refresh_token == f"rotated-{tail}"
 
     second = json_answer(send(server, "/api/refresh_token", {"refresh_token": rotated}), 200)
-    assert "refresh_token" not in second
+    assert second["refresh_token"] == rotated
     assert [r["form"]["refresh_token"] for r in fake.requests] == [f"rotate-{tail}", f"rotated-{tail}"]
 
 
@@ -500,9 +500,13 @@ def test_the_request_log_has_one_line_per_request_and_no_secret(server, fake):
         ("GET", "/health", "200"), ("GET", "/nope", "404"), ("GET", "/swap", "405"),
     ]
 
-    server.wait_for_access_log(len(expected), since)
-    time.sleep(0.3)  # room for a stray extra line to show up
-    lines = server.access_log(since)
+    # A last request, sent after every answer above arrived: once its line is written, theirs are
+    # too (each is written right after its answer), and any stray extra line would be there as well.
+    sentinel = f"/sentinel-{uuid.uuid4().hex}"
+    json_answer(requests.get(server.url + sentinel, headers=CLOSE, timeout=30), 404)
+    lines = server.wait_for_access_log(len(expected) + 1, since)
+    assert ("GET", sentinel, "404") in [(line["method"], line["path"], line["status"]) for line in lines]
+    lines = [line for line in lines if line["path"] != sentinel]
     # Two workers write to one stream: compare as a multiset, not in order.
     assert sorted((line["method"], line["path"], line["status"]) for line in lines) == sorted(expected)
     assert all(line["client"] == "127.0.0.1" and int(line["ms"]) >= 0 for line in lines)
@@ -514,28 +518,45 @@ def test_the_request_log_has_one_line_per_request_and_no_secret(server, fake):
         assert secret not in output
 
 
-def test_the_request_log_cannot_be_forged_nor_shows_a_query_string_gunicorn_refuses(server, fake):
+def wait_for_output(server: Server, since: int, text: str, timeout: float = 10) -> str:
+    """The server's output after `since`, once `text` is in it."""
+    deadline = time.monotonic() + timeout
+    while text not in (output := server.output()[since:]):
+        assert time.monotonic() < deadline, f"the server never logged {text!r}"
+        time.sleep(0.05)
+    return output
+
+
+def test_the_request_log_cannot_be_forged(server, fake):
     since = len(server.output())
     forged = '/x%0a6.6.6.6%20%22POST%20/refresh%22%20200%20117%203ms'
     json_answer(requests.get(server.url + forged, headers=CLOSE, timeout=30), 404)
+    output = wait_for_output(server, since, "\\n6.6.6.6")  # the newline is written escaped, on the one line
+    assert not any(line.startswith("6.6.6.6") for line in output.splitlines())
+
+
+@pytest.mark.parametrize("separator", ["?x='&refresh_token=", "#refresh_token=", ";refresh_token=", "?x=1#"])
+def test_a_request_line_gunicorn_refuses_is_logged_without_what_follows_the_path(server, fake, separator):
+    since = len(server.output())
     token = SEALER.seal(unique("AQ"))
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         # A request line gunicorn refuses (a raw byte above 0x7f) is logged by gunicorn itself.
         # A quote in the query must not end the redaction early (gunicorn logs the line with repr).
-        sock.sendall(b"POST /refresh?x='&refresh_token=" + token.encode() + b"&x=\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"POST /refresh" + separator.encode() + token.encode() + b"&x=\xff HTTP/1.1\r\nHost: x\r\n\r\n")
         while sock.recv(65536):
             pass
-    deadline = time.monotonic() + 10
-    while "Invalid request from ip=" not in (output := server.output()[since:]):
-        assert time.monotonic() < deadline, "gunicorn logged no warning for the request line it refused"
-        time.sleep(0.05)
-    server.wait_for_access_log(1, since)
-    output = server.output()[since:]
+    output = wait_for_output(server, since, "Invalid request from ip=")
     [warning] = [line for line in output.splitlines() if "Invalid request from ip=" in line]
-    assert "/refresh?..." in warning  # the line is there, its query string is not
-    assert not any(line.startswith("6.6.6.6") for line in output.splitlines())
-    assert "\\n6.6.6.6" in output  # the newline is written escaped, on the one line
-    assert token not in output
+    assert "/refresh..." in warning  # the line is there, what followed the path is not
+    assert token not in server.output()
+
+
+def test_path_parameters_are_not_logged(server, fake):
+    since = len(server.output())
+    code = unique()
+    json_answer(requests.post(server.url + f"/swap;code={code}", headers=CLOSE, timeout=30), 404)
+    output = wait_for_output(server, since, '"POST /swap..." 404')
+    assert code not in output
 
 
 # -- concurrency -------------------------------------------------------------------------------
@@ -595,3 +616,48 @@ def test_health_answers_within_100_ms_while_200_requests_wait_on_spotify(unlimit
     assert [status for status, _ in probes] == [200] * 5
     assert max(seconds for _, seconds in probes) < 0.1, probes
     assert [status for status, *_ in results] == [200] * 200
+
+
+# -- stopping ----------------------------------------------------------------------------------
+
+
+def test_sigterm_to_the_master_closes_idle_keep_alive_connections_at_once_and_finishes_in_flight_swaps():
+    """What Docker and Kubernetes do: SIGTERM to the master alone, with clients holding idle
+    keep-alive connections (which once held each worker for the whole graceful_timeout, 30 s)."""
+    with FakeAccounts(latency=2.0) as slow, Server(server_env(slow.url, SPOTIFY_TIMEOUT="10")) as server:
+        idle = []
+        for _ in range(6):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            connection.request("GET", "/health")
+            assert connection.getresponse().read() == b'{"status":"ok"}'
+            idle.append(connection)
+        code = unique()  # Spotify answers it after 2 s
+        answer: list = []
+
+        def swap() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            connection.request("POST", "/swap", body=urlencode({"code": code}), headers={"Content-Type": FORM})
+            response = connection.getresponse()
+            answer.append((response.status, json.loads(response.read())))
+            connection.close()
+
+        in_flight = threading.Thread(target=swap)
+        in_flight.start()
+        deadline = time.monotonic() + 10
+        while code not in [r["form"].get("code") for r in slow.requests]:
+            assert time.monotonic() < deadline, "the swap never reached Spotify"
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        exit_code = server.process.wait(40)
+        stopped_after = time.monotonic() - signalled
+        in_flight.join(10)
+        for connection in idle:
+            connection.close()
+        output = server.output()
+    assert exit_code == 0
+    [(status, body)] = answer
+    assert status == 200 and SEALER.open(body["refresh_token"]).refresh_token == f"AQ-refresh-for-{code}"
+    # The swap's 2 s at Spotify, then the worker's once-a-second check that it is done.
+    assert stopped_after < 6, f"took {stopped_after:.1f} s to stop"
+    assert "closing" in output and "keep-alive connection" in output

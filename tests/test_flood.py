@@ -41,14 +41,13 @@ def test_10000_connections_held_by_one_address_leave_another_served_within_a_sec
     assert result.flood_open_min >= 10_000
     assert {p.kind for p in result.probes} == {"health", "swap"} and len(result.probes) >= 20
     assert max(p.seconds for p in result.probes) < 1.0
-    # Each slow body was answered 408 once the bound had passed, its connection closed; the
-    # flooding address then had spent its failure budget, and its next slow bodies got 429 at once.
-    assert result.flood_answers["body 408"] == 500
-    assert result.closed_by_server == {"body": 500}
+    # Each slow body was answered 408 once the bound had passed, and its connection closed (the
+    # flood then opened another); idle connections and slow heads were held throughout.
+    assert result.flood_answers["body 408"] >= 500
+    assert result.closed_by_server["body"] >= 500 and set(result.closed_by_server) == {"body"}
     low, high = result.answer_seconds["body 408"]
     # (measured from when the flood's thread saw its send of the head return: up to a few ms late)
     assert BODY_TIMEOUT - 0.1 <= low and high < BODY_TIMEOUT + 1
-    assert result.flood_answers["body 429"] == 500
 
 
 # -- slow bodies, one by one -------------------------------------------------------------------

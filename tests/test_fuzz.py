@@ -41,6 +41,8 @@ RAW_REFRESH = ("AQ-raw-refresh-one", "AQ-raw-refresh-two")
 GENUINE = tuple(SEALER.seal(raw) for raw in RAW_REFRESH)
 
 ROUTES = SWAP_PATHS + REFRESH_PATHS + ("/health",)
+# The landing page (page.py) and its icon, for GET and HEAD; every other method is a JSON 405.
+PAGES = {"/": "text/html", "/callback": "text/html", "/favicon.ico": "image/svg+xml"}
 SWAP_FIELDS = ("code", "redirect_uri", "code_verifier")
 
 
@@ -101,7 +103,11 @@ any_text = st.text(max_size=80)
 long_text = st.integers(4090, 4200).map(lambda n: "c" * n)
 odd_text = st.sampled_from(["", " ", "\x00", "code\x00", "a b", "\t", "\u00e9t\u00e9", "\U0001f600", "%00", "\r\n"])
 verifiers = st.text(st.sampled_from("ABCxyz0189._~-"), min_size=40, max_size=131)
-text_values = st.one_of(printable, any_text, long_text, odd_text, verifiers, st.sampled_from(CALLBACKS + GENUINE))
+grant_types = ("authorization_code", "refresh_token", "client_credentials", "password")
+text_values = st.one_of(
+    printable, any_text, long_text, odd_text, verifiers,
+    st.sampled_from(CALLBACKS + GENUINE + grant_types + (CLIENT_ID, "other-client-id")),
+)
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), text_values)
 json_values = st.recursive(
@@ -109,7 +115,9 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
 )
-field_names = st.sampled_from(SWAP_FIELDS + ("refresh_token", "grant_type", "client_secret", "", "Code", "x"))
+field_names = st.sampled_from(
+    SWAP_FIELDS + ("refresh_token", "grant_type", "client_id", "client_secret", "scope", "", "Code", "x")
+)
 
 valid_verifiers = st.text(st.sampled_from("AZaz09._~-"), min_size=43, max_size=128)
 
@@ -183,7 +191,8 @@ paths = st.one_of(
     st.sampled_from(ROUTES),
     st.sampled_from(ROUTES).map(lambda p: p + "/"),
     st.sampled_from(ROUTES).map(lambda p: p.upper()),
-    st.sampled_from(["/", "//swap", "/api//token", "/api", "/swap/../refresh", "/%00", "/static/x", "/health/"]),
+    st.sampled_from(sorted(PAGES)),
+    st.sampled_from(["//swap", "/api//token", "/api", "/swap/../refresh", "/%00", "/static/x", "/health/"]),
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="?#%"), max_size=40).map(
         lambda p: "/" + p
     ),
@@ -193,8 +202,22 @@ paths = st.one_of(
 # -- the oracle --------------------------------------------------------------------------------
 
 
-class Malformed(Exception):
-    """The request breaks the contract's input rules: 400 invalid_request, Spotify not called."""
+class Refusal(Exception):
+    """The request breaks the contract's input rules: 400 with this error, Spotify not called."""
+
+    error = "invalid_request"
+
+
+class Malformed(Refusal):
+    error = "invalid_request"
+
+
+class Unsupported(Refusal):
+    error = "unsupported_grant_type"
+
+
+class OtherClient(Refusal):
+    error = "invalid_client"
 
 
 def single(fields: MultiDict | dict, name: str) -> object | None:
@@ -230,9 +253,24 @@ def expected_swap(fields: MultiDict | dict) -> dict[str, str]:
     return form
 
 
-def expected_refresh(fields: MultiDict | dict) -> dict[str, str] | None:
+def expected(path: str, fields: MultiDict | dict) -> dict[str, str] | None:
+    """The form for Spotify; None when the token is not one this service sealed; Refusal if none is sent."""
+    grant = single(fields, "grant_type")
+    if grant not in (None, "authorization_code", "refresh_token"):
+        raise Unsupported
+    client_id = single(fields, "client_id")
+    if client_id is not None and client_id != CLIENT_ID:
+        raise OtherClient
+    if grant == "authorization_code" or (grant is None and path in SWAP_PATHS):
+        return expected_swap(fields)
+    return expected_refresh(fields, code_is_token=grant is None)
+
+
+def expected_refresh(fields: MultiDict | dict, code_is_token: bool) -> dict[str, str] | None:
     """The form for Spotify; None when the token is not one this service sealed; Malformed when absent."""
     token = single(fields, "refresh_token")
+    if token is None and code_is_token and single(fields, "code") in GENUINE:
+        token = single(fields, "code")  # SpotifyAPI-NET's guide sends the sealed token as `code`
     if token is None:
         raise Malformed
     if token not in GENUINE:
@@ -250,10 +288,10 @@ def check_structured(client, path: str, fields: MultiDict | dict, **request) -> 
         assert (response.status_code, body["error"], sent) == (413, "invalid_request", [])
         return
     try:
-        form = expected_swap(fields) if path in SWAP_PATHS else expected_refresh(fields)
-    except Malformed:
-        event("malformed")  # --hypothesis-show-statistics: how often each outcome was exercised
-        assert (response.status_code, body["error"], sent) == (400, "invalid_request", []), (fields, body)
+        form = expected(path, fields)
+    except Refusal as refusal:
+        event(refusal.error)  # --hypothesis-show-statistics: how often each outcome was exercised
+        assert (response.status_code, body["error"], sent) == (400, refusal.error, []), (fields, body)
         return
     event("not sealed here" if form is None else "forwarded")
     if form is None:
@@ -319,11 +357,18 @@ def test_json_that_is_not_an_object_is_invalid_request(client, value, path):
 @example(method="POST", path="//swap", content_type=None, body=b"")
 @example(method="HEAD", path="/swap", content_type=None, body=b"")
 @example(method="OPTIONS", path="/refresh", content_type=None, body=b"")
+@example(method="GET", path="/callback", content_type=FORM_TYPES[0], body=b"code=x")
+@example(method="POST", path="/", content_type=FORM_TYPES[0], body=b"code=x")
 def test_anything_on_any_path_is_answered_in_json_without_a_5xx(client, method, path, content_type, body):
     headers = {} if content_type is None else {"Content-Type": content_type}
     with spotify() as mock:
         # PATH_INFO as a server would pass it: the test client would read "//x" as a host name.
         response = client.open("/", method=method, data=body, headers=headers, environ_overrides={"PATH_INFO": path})
+        if path in PAGES and method in ("GET", "HEAD"):
+            assert (response.status_code, response.mimetype) == (200, PAGES[path])
+            response.close()
+            assert len(mock.calls) == 0
+            return
         answer = assert_answer_shape(response, method)
         assert_forwarded_only_what_is_valid(mock)
         called = len(mock.calls)

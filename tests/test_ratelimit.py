@@ -29,6 +29,9 @@ from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL, server_env
 from tests.fake_accounts import CLIENT_ID
 from tests.server import Server, free_port
 
+# The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
+SUCCESS_ROOM = 10
+
 TOKENS = {"access_token": "BQ-access", "token_type": "Bearer", "expires_in": 3600, "refresh_token": "AQ-raw"}
 INVALID_GRANT = {"error": "invalid_grant", "error_description": "Invalid authorization code"}
 JSON = "application/json"
@@ -80,7 +83,7 @@ def fail_once(client: FlaskClient, kind: str, **kwargs):
     if kind == "not_found":
         return client.post("/no/such/path", **kwargs)
     if kind == "wrong_method":
-        return client.get("/api/token", **kwargs)
+        return client.put("/api/token", **kwargs)
     raise ValueError(kind)
 
 
@@ -297,18 +300,45 @@ def test_real_users_from_an_address_near_its_budget_wait_their_turn_rather_than_
 
 
 def test_an_address_whose_calls_succeed_is_not_held_back():
-    """Thousands of users behind one carrier NAT: their successes make room for as many calls at once."""
+    """Thousands of users behind one carrier NAT: their successes make room for more calls at once,
+    up to SUCCESS_ROOM more than the failures left; past that they take turns, and none is refused."""
     app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "5/hour"})
-    burst = 20
-    tokens = slow_answer(200, json.dumps(TOKENS), 1.0)  # long enough for all 20 threads to overlap
+    burst = 5 + SUCCESS_ROOM + 5
+    tokens = slow_answer(200, json.dumps(TOKENS), 0.5)  # long enough for the threads to overlap
     with responses.RequestsMock() as spotify:
         spotify.add(responses.POST, TOKEN_URL, json=TOKENS)
-        for n in range(burst - 5):
+        for n in range(SUCCESS_ROOM * 3):
             assert app.test_client().post("/swap", data={"code": f"earlier-{n}"}).status_code == 200
         spotify.reset()
         spotify.add_callback(responses.POST, TOKEN_URL, callback=tokens)
         assert swaps_at_once(app, burst, "user") == [200] * burst
-    assert tokens.most_at_once() == burst
+    assert tokens.most_at_once() == 5 + SUCCESS_ROOM
+
+
+def test_a_burst_of_junk_after_many_successes_overshoots_the_budget_by_at_most_success_room():
+    """Banked successes buy room for real users, not a way past the budget for junk."""
+    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "5/hour"})
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
+        spotify.add(responses.POST, TOKEN_URL, json=TOKENS)
+        for n in range(100):
+            assert app.test_client().post("/swap", data={"code": f"earlier-{n}"}).status_code == 200
+        spotify.reset()
+        spotify.add_callback(responses.POST, TOKEN_URL, callback=slow_answer(400, '{"error": "invalid_grant"}'))
+        statuses = Counter(swaps_at_once(app, 60, "junk"))
+        reached = len(spotify.calls)
+    assert 5 <= reached <= 5 + SUCCESS_ROOM
+    assert statuses[400] == reached and statuses[429] == 60 - reached
+
+
+def test_reads_are_never_counted_nor_refused():
+    """GETs (the page, /health, a 404 for a favicon) never reach Spotify: no failure, no refusal."""
+    client = limited_client(RATE_LIMIT_FAILURES="2/hour")
+    for path in ["/favicon.ico", "/no/such/page", "/swap"] * 5:
+        with client.get(path) as response:
+            assert response.status_code in (200, 404, 405)
+    with responses.RequestsMock() as spotify:
+        spotify_ok(spotify)
+        assert client.post("/swap", data={"code": "still-fine"}).status_code == 200
 
 
 def test_a_request_that_cannot_get_a_turn_within_spotify_timeout_is_503():

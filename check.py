@@ -1,0 +1,80 @@
+"""`flask --app app check`: check a deployment for real, one line per check, and never print a secret."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
+
+import spotify
+from config import Config, ConfigError, load_config
+from crypto import key_id
+from ratelimit import storage_for
+
+OK, FAIL, INFO = "ok  ", "FAIL", "info"
+
+
+def report(environ: Mapping[str, str], echo: Callable[[str], None]) -> bool:
+    """Run every check, echo one line each; True when none failed."""
+    try:
+        config = load_config(environ)
+    except ConfigError as err:
+        for problem in err.problems:
+            echo(f"{FAIL} configuration: {problem}")
+        return False
+    echo(f"{OK} configuration: every variable is valid")
+    passed = [_spotify_credentials(config, echo), _storage(config, echo)]
+    _information(config, echo)
+    return all(passed)
+
+
+def _spotify_credentials(config: Config, echo: Callable[[str], None]) -> bool:
+    # A client-credentials grant involves no user: it only asks Spotify whether it knows this app.
+    client = spotify.AccountsClient(
+        config.client_id, config.client_secret, config.accounts_url, config.timeout, pool_size=1
+    )
+    where = f"at {client.token_url}"
+    try:
+        client.client_credentials()
+    except spotify.CredentialsRefused as err:
+        variable = "SPOTIFY_CLIENT_SECRET" if err.blames_secret else "SPOTIFY_CLIENT_ID"
+        said = ascii(f"{err.answer.get('error')}: {err.description}"[:200])
+        echo(f"{FAIL} Spotify refuses the credentials {where} ({said}): check {variable}")
+        return False
+    except spotify.Unreachable:
+        echo(f"{FAIL} Spotify could not be reached {where}: check SPOTIFY_ACCOUNTS_URL and the network")
+        return False
+    except spotify.SpotifyError as err:
+        echo(f"{FAIL} Spotify did not accept a client-credentials request {where}: {type(err).__name__} {err}")
+        return False
+    finally:
+        client.close()
+    echo(f"{OK} Spotify accepts SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET {where}")
+    return True
+
+
+def _storage(config: Config, echo: Callable[[str], None]) -> bool:
+    uri = config.rate_limit_storage_uri
+    # Scheme, host and port only: a Redis URL may hold a password.
+    parts = urlsplit(uri)
+    shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+    try:
+        answered = storage_for(uri).check()
+    except Exception as err:  # a storage that cannot even be built from the URL
+        answered, shown = False, f"{shown} ({type(err).__name__})"
+    if not answered:
+        echo(f"{FAIL} rate-limit storage {shown} does not answer: check RATE_LIMIT_STORAGE_URI")
+        return False
+    echo(f"{OK} rate-limit storage {shown} answers")
+    return True
+
+
+def _information(config: Config, echo: Callable[[str], None]) -> None:
+    echo(f"{INFO} redirect URIs to register in the app's settings in the Spotify dashboard: "
+         + ", ".join(config.callback_urls))
+    ids = [key_id(secret).hex() for secret in config.encryption_secrets]
+    echo(f"{INFO} ENCRYPTION_SECRET key ids: {ids[0]} seals new tokens"
+         + (f"; {', '.join(ids[1:])} still open tokens" if ids[1:] else ""))
+    if config.legacy_secret:
+        echo(f"{INFO} legacy tokens are read (LEGACY_ENCRYPTION_SECRET is set) and re-sealed on refresh")
+    else:
+        echo(f"{INFO} legacy tokens are not read (LEGACY_ENCRYPTION_SECRET is not set)")

@@ -1,0 +1,83 @@
+"""The landing page: what this service is, the URLs to give each client, and a live login test."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Flask, Response, current_app, render_template, request
+
+from config import Config
+
+# Where a Spotify app's redirect URIs are registered.
+DASHBOARD_URL = "https://developer.spotify.com/dashboard"
+# What the login test asks for: enough to read the user's display name from the Web API.
+SCOPE = "user-read-private"
+
+bp = Blueprint("page", __name__)
+
+
+def init_app(app: Flask) -> None:
+    """Serve the page at / and /callback (its files are the app's static/), with its security headers."""
+    app.register_blueprint(bp)
+    app.after_request(_secure)
+
+
+def _config() -> Config:
+    return current_app.extensions["tokenswap"].config
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _page() -> str:
+    config = _config()
+    # As the browser sees it: ProxyFix has applied X-Forwarded-Proto/-Host when TRUSTED_PROXIES is set.
+    base = request.url_root.rstrip("/")
+    callback = base + "/callback"
+    # Spotify takes http redirect URIs on loopback addresses only, and not "localhost".
+    loopback = base.replace("localhost", "127.0.0.1", 1) if urlsplit(base).hostname == "localhost" else base
+    return render_template(
+        "page.html",
+        base=base,
+        callback=callback,
+        login_allowed=callback in config.callback_urls,
+        loopback_alternative=(
+            loopback if loopback != base and loopback + "/callback" in config.callback_urls else None
+        ),
+        client_id=config.client_id,
+        callback_urls=config.callback_urls,
+        accounts_url=config.accounts_url,
+        api_url=config.api_url,
+        stand_in=config.accounts_url != Config.accounts_url or config.api_url != Config.api_url,
+        dashboard_url=DASHBOARD_URL,
+        scope=SCOPE,
+    )
+
+
+def _favicon() -> Response:
+    # Browsers ask for it by themselves, on the API's JSON answers too: a 404 would count against the
+    # address's failure budget at every look.
+    return current_app.send_static_file("favicon.svg")
+
+
+bp.add_url_rule("/", "index", _page, methods=["GET"])
+bp.add_url_rule("/callback", "callback", _page, methods=["GET"])
+bp.add_url_rule("/favicon.ico", "favicon", _favicon, methods=["GET"])
+
+
+def _secure(response: Response) -> Response:
+    if request.blueprint != "page" and request.endpoint != "static":
+        return response
+    # No inline script or style; the only other origin the page talks to is the Web API (/v1/me).
+    # The login button navigates to the accounts service, which needs no directive.
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        f"connect-src 'self' {_origin(_config().api_url)}; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    # /callback's address holds the authorization code: no request from the page may carry it.
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response

@@ -1,0 +1,151 @@
+"""`make run`: the service on this machine, with a stand-in for Spotify until .env has your app's credentials.
+
+Writes .env from .env.example with a fresh ENCRYPTION_SECRET when there is none (or adds the secret when it is
+empty), then starts the Procfile's web command on 127.0.0.1:1234, which reads .env through gunicorn.conf.py.
+Without SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET it also starts tests/fake_accounts.py and points the service
+at it. `--host 0.0.0.0` listens on every interface and prints the URLs a phone on the same network needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from dotenv import dotenv_values, set_key
+
+from config import generate_secret
+from tests.server import web_command
+
+ROOT = Path(__file__).resolve().parent
+# Spotify's Ruby demo listens here, and the iOS SDK's demo projects send their swaps and refreshes here.
+PORT = 1234
+
+
+def prepare_env_file(path: Path, example: Path) -> str | None:
+    """Make sure .env exists with an ENCRYPTION_SECRET; what was done, or None."""
+    if not path.exists():
+        text = re.sub(r"^ENCRYPTION_SECRET=[ \t]*$", f"ENCRYPTION_SECRET={generate_secret()}",
+                      example.read_text(), count=1, flags=re.M)
+        path.touch(mode=0o600)  # it holds secrets
+        path.write_text(text)
+        return f"Wrote {path.name} from {example.name}, with a fresh ENCRYPTION_SECRET."
+    if "ENCRYPTION_SECRET" in os.environ or (dotenv_values(path).get("ENCRYPTION_SECRET") or "").strip():
+        return None
+    set_key(path, "ENCRYPTION_SECRET", generate_secret(), quote_mode="never")
+    return f"Added a fresh ENCRYPTION_SECRET to {path.name}."
+
+
+def setting(name: str, dotenv: dict[str, str | None]) -> str:
+    """A variable as the service will see it: the environment wins over .env, as in gunicorn.conf.py."""
+    value = os.environ[name] if name in os.environ else dotenv.get(name)
+    return (value or "").strip()
+
+
+def lan_address() -> str | None:
+    """This machine's address on its network, as a phone there would reach it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            # Connecting a UDP socket sends nothing: it only asks the kernel which address would be used.
+            probe.connect(("192.0.2.1", 9))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def banner(host: str, port: int, stand_in: str | None, lan: str | None, callback_allowed: bool) -> str:
+    """What the console says once the service answers."""
+    local = f"http://127.0.0.1:{port}" if host in ("0.0.0.0", "127.0.0.1") else f"http://{host}:{port}"
+    lines = ["", f"The token swap service is running: open {local} in a browser.",
+             f"  Swap URL {local}/swap, refresh URL {local}/refresh"
+             + (" (what the iOS SDK's demo projects use)." if port == PORT else ".")]
+    if host == "0.0.0.0":
+        if lan:
+            lines.append(f"  On every interface. From a phone on this network: swap URL http://{lan}:{port}/swap,"
+                         f" refresh URL http://{lan}:{port}/refresh")
+        else:
+            lines.append(f"  On every interface: from a phone on this network use http://<this machine's address>:"
+                         f"{port}/swap and /refresh (the address is in your network settings).")
+    if not callback_allowed:
+        lines.append(f"  The page's login test needs {local}/callback in SPOTIFY_CLIENT_CALLBACK_URL"
+                     " (and, with your own app, in its Redirect URIs in the Spotify dashboard).")
+    if stand_in:
+        lines += ["", "No Spotify credentials in .env (SPOTIFY_CLIENT_ID, SPOTIFY_CLIENT_SECRET): using a STAND-IN.",
+                  stand_in, "Apps logged in with real Spotify cannot swap their codes here. Put your app's"
+                  " credentials in .env and run again for the real thing."]
+    else:
+        lines.append("  Using Spotify, with the credentials in .env.")
+    lines.append("Stop with Ctrl-C.")
+    return "\n".join(lines)
+
+
+def wait_until_up(server: subprocess.Popen, url: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
+    parser.add_argument("--port", type=int, default=PORT)
+    args = parser.parse_args(argv)
+
+    done = prepare_env_file(ROOT / ".env", ROOT / ".env.example")
+    if done:
+        print(done, flush=True)
+    dotenv = dotenv_values(ROOT / ".env")
+
+    env = {
+        **os.environ,
+        "PORT": str(args.port),
+        # The Procfile binds 0.0.0.0:$PORT; command-line style settings override gunicorn.conf.py's.
+        "GUNICORN_CMD_ARGS": f"--bind {args.host}:{args.port}",
+        # gunicorn from this virtualenv, even when it is not activated (make runs .venv/bin/python).
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    fake = stand_in = None
+    if not (setting("SPOTIFY_CLIENT_ID", dotenv) and setting("SPOTIFY_CLIENT_SECRET", dotenv)):
+        from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts, describe
+
+        fake = FakeAccounts(record=False).start()
+        stand_in = describe(fake.url)
+        env.update(SPOTIFY_CLIENT_ID=CLIENT_ID, SPOTIFY_CLIENT_SECRET=CLIENT_SECRET,
+                   SPOTIFY_ACCOUNTS_URL=fake.url, SPOTIFY_API_URL=fake.url)
+
+    local = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
+    callbacks = [uri.strip() for uri in setting("SPOTIFY_CLIENT_CALLBACK_URL", dotenv).split(",")]
+    server = subprocess.Popen(shlex.split(web_command()), cwd=ROOT, env=env)
+    # Stopped by a signal other than Ctrl-C (which the whole terminal's process group gets): pass it on.
+    signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
+    try:
+        if wait_until_up(server, local):
+            print(banner(args.host, args.port, stand_in, lan_address() if args.host == "0.0.0.0" else None,
+                         f"{local}/callback" in callbacks), flush=True)
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C: gunicorn has it too, unless it was sent to this process alone
+        if server.poll() is None:
+            server.terminate()
+        return server.wait()
+    finally:
+        if fake:
+            fake.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""One configuration file for every way of starting: `flask run`, `make run` (run.py) and the Procfile's gunicorn
+command all read .env, values with ";" included, and the environment wins over the file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from config import generate_secret
+from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
+from tests.server import CLOSE, free_port, json_answer, web_command
+
+ROOT = Path(__file__).resolve().parent.parent
+# What the three commands need, copied into a directory of its own with its own .env.
+FILES = ("app.py", "check.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py",
+         "run.py", "Procfile", ".env.example", "templates", "static",
+         "tests/__init__.py", "tests/fake_accounts.py", "tests/server.py")
+
+
+def copy_of_the_service(directory: Path) -> Path:
+    for name in FILES:
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, target)
+        else:
+            shutil.copy(ROOT / name, target)
+    return directory
+
+
+def bare_environment(**extra: str) -> dict[str, str]:
+    """Nothing of the service's configuration: it must all come from .env."""
+    return {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LANG": "C.UTF-8",
+        **extra,
+    }
+
+
+# -- gunicorn.conf.py, as gunicorn reads it ------------------------------------------------------
+
+
+@pytest.fixture
+def environ(monkeypatch, tmp_path) -> dict[str, str]:
+    """The process environment gunicorn.conf.py will see, with only the platform's variables; cwd has a .env."""
+    values = {"PATH": os.environ["PATH"]}
+    monkeypatch.setattr(os, "environ", values)
+    monkeypatch.chdir(tmp_path)
+    return values
+
+
+def write_dotenv(directory: Path, text: str) -> None:
+    (directory / ".env").write_text(text)
+
+
+def test_gunicorn_config_reads_dotenv_from_the_working_directory(environ, tmp_path):
+    secret = generate_secret()
+    write_dotenv(tmp_path, f"""\
+# a comment
+SPOTIFY_CLIENT_ID={CLIENT_ID}
+SPOTIFY_CLIENT_SECRET={CLIENT_SECRET}
+SPOTIFY_CLIENT_CALLBACK_URL=spotify-ios-quick-start://spotify-login-callback,http://127.0.0.1:1234/callback
+ENCRYPTION_SECRET={secret}
+SPOTIFY_MAX_RATE=20/second;600/minute
+RATE_LIMIT_FAILURES="30/minute;100/hour"
+WEB_CONCURRENCY=3
+""")
+    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert settings["workers"] == 3
+    assert environ["ENCRYPTION_SECRET"] == secret
+    # The whole value, ";" and what follows included, quoted or not.
+    assert environ["SPOTIFY_MAX_RATE"] == "20/second;600/minute"
+    assert environ["RATE_LIMIT_FAILURES"] == "30/minute;100/hour"
+
+
+def test_the_environment_wins_over_dotenv_even_when_empty(environ, tmp_path):
+    write_dotenv(tmp_path, f"""\
+SPOTIFY_CLIENT_ID={CLIENT_ID}
+SPOTIFY_CLIENT_SECRET=from-the-file
+SPOTIFY_CLIENT_CALLBACK_URL=myapp://callback
+ENCRYPTION_SECRET={generate_secret()}
+CORS_ORIGINS=https://from-the-file.example
+""")
+    environ.update(SPOTIFY_CLIENT_SECRET="from-the-platform", CORS_ORIGINS="")
+    runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert environ["SPOTIFY_CLIENT_SECRET"] == "from-the-platform"
+    assert environ["CORS_ORIGINS"] == ""  # set, though empty: as `flask run` has it
+
+
+def test_gunicorn_config_still_refuses_a_bad_configuration_from_dotenv(environ, tmp_path, capsys):
+    write_dotenv(tmp_path, "SPOTIFY_CLIENT_ID=x\nSPOTIFY_CLIENT_SECRET=y\nSPOTIFY_CLIENT_CALLBACK_URL=myapp://cb\n")
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert stopped.value.code == 1
+    assert "ENCRYPTION_SECRET is not set" in capsys.readouterr().err
+
+
+def test_without_dotenv_only_the_environment_counts(environ):
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert "SPOTIFY_CLIENT_ID" not in environ
+
+
+# -- the three commands, end to end --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def started(command: list[str], cwd: Path, env: dict[str, str], url: str):
+    """A command that serves at url, until the block ends; yields a function returning its output so far."""
+    log_path = cwd / "output.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    output = lambda: log_path.read_text(errors="replace")  # noqa: E731
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, output()
+            try:
+                if requests.get(url + "/health", headers=CLOSE, timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"{command} did not answer /health:\n{output()}"
+            time.sleep(0.1)
+        yield output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def dotenv_with_limits(fake_url: str) -> str:
+    # The second limit of each is the one a request can reach in a test: had the ";" cut the value, it
+    # would not apply. One worker, so one process counts.
+    return f"""\
+SPOTIFY_CLIENT_ID={CLIENT_ID}
+SPOTIFY_CLIENT_SECRET={CLIENT_SECRET}
+SPOTIFY_CLIENT_CALLBACK_URL=myapp://callback
+ENCRYPTION_SECRET={generate_secret()}
+SPOTIFY_ACCOUNTS_URL={fake_url}
+SPOTIFY_MAX_RATE=100/second;1/minute
+RATE_LIMIT_FAILURES=100/hour;2/minute
+WEB_CONCURRENCY=1
+"""
+
+
+def assert_dotenv_limits_apply(url: str) -> None:
+    first = json_answer(requests.post(url + "/swap", data={"code": "first"}, headers=CLOSE, timeout=10))
+    assert first["access_token"]
+    # SPOTIFY_MAX_RATE's 1/minute: the second call to Spotify is over the ceiling.
+    ceiling = requests.post(url + "/swap", data={"code": "second"}, headers=CLOSE, timeout=10)
+    assert json_answer(ceiling, 503)["error"] == "temporarily_unavailable"
+    # RATE_LIMIT_FAILURES's 2/minute: two mistakes, then refused.
+    statuses = [requests.post(url + "/swap", data={}, headers=CLOSE, timeout=10).status_code for _ in range(3)]
+    assert statuses == [400, 400, 429]
+
+
+@pytest.mark.parametrize("way", ["flask run", "Procfile", "make run"])
+def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
+    directory = copy_of_the_service(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    commands = {
+        "flask run": ([sys.executable, "-m", "flask", "--app", "app", "run", "--port", str(port)], {}),
+        # As a platform runs it: its PORT; stay on loopback as tests/server.py does.
+        "Procfile": (["bash", "-c", "exec " + web_command()],
+                     {"PORT": str(port), "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}"}),
+        "make run": ([sys.executable, "run.py", "--port", str(port)], {}),
+    }
+    command, extra = commands[way]
+    with FakeAccounts() as fake:
+        write_dotenv(directory, dotenv_with_limits(fake.url))
+        with started(command, directory, bare_environment(**extra), url) as output:
+            assert_dotenv_limits_apply(url)
+            # The swap went to the .env's accounts service, with the .env's client.
+            assert [r["form"]["code"] for r in fake.requests] == ["first"]
+    if way == "make run":
+        assert "Using Spotify, with the credentials in .env" in output()

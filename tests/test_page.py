@@ -1,0 +1,164 @@
+"""The landing page as served: what it shows, what it never shows, its headers, and the rate limits leaving it alone.
+
+What it does in a browser is tests/test_browser.py's.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from app import create_app
+from crypto import key_id
+from tests.conftest import BASE_CONFIG, SECRET
+from tests.fake_accounts import CLIENT_SECRET
+
+PAGE_CALLBACK = "http://localhost/callback"  # the test client's origin
+HEADERS = {
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def page_client(**config: str):
+    return create_app({**BASE_CONFIG, "TESTING": True, **config}).test_client()
+
+
+def csp(response) -> dict[str, str]:
+    policy = response.headers["Content-Security-Policy"]
+    return {d.split()[0]: " ".join(d.split()[1:]) for d in (part.strip() for part in policy.split(";")) if d}
+
+
+def test_page_says_what_this_is_and_the_urls_to_paste():
+    html = page_client().get("/").get_data(as_text=True)
+    assert "token swap and refresh service" in html
+    assert "Up and running" in html
+    for text in (
+        'tokenSwapURL = URL(string: "http://localhost/swap")',
+        'tokenRefreshURL = URL(string: "http://localhost/refresh")',
+        'new TokenSwapTokenRequest(new Uri("http://localhost/swap"), code)',
+        'new TokenSwapRefreshRequest(new Uri("http://localhost/refresh"), refreshToken)',
+        'const SERVICE = "http://localhost";',
+        BASE_CONFIG["SPOTIFY_CLIENT_ID"],
+        *BASE_CONFIG["SPOTIFY_CLIENT_CALLBACK_URL"].split(","),
+    ):
+        assert text in html, text
+
+
+def test_page_shows_no_secret_nor_key_id():
+    client = page_client(SPOTIFY_CLIENT_CALLBACK_URL=PAGE_CALLBACK, LEGACY_ENCRYPTION_SECRET="legacy-secret-value")
+    kid = key_id(SECRET)
+    for path in ("/", "/callback?code=abc&state=xyz"):
+        html = client.get(path).get_data(as_text=True)
+        for secret in (CLIENT_SECRET, SECRET, "legacy-secret-value", kid.hex(), base64.urlsafe_b64encode(kid).decode().rstrip("=")):
+            assert secret not in html, secret
+        # Nor the code from the address: the page's script reads it there.
+        assert "abc" not in html
+
+
+def test_login_test_is_offered_when_this_origins_callback_is_allowed():
+    html = page_client(SPOTIFY_CLIENT_CALLBACK_URL=f"myapp://callback,{PAGE_CALLBACK}").get("/").get_data(as_text=True)
+    assert 'id="login-button"' in html
+    for name, value in (
+        ("data-redirect-uri", PAGE_CALLBACK),
+        ("data-client-id", BASE_CONFIG["SPOTIFY_CLIENT_ID"]),
+        ("data-accounts-url", BASE_CONFIG["SPOTIFY_ACCOUNTS_URL"]),
+        ("data-api-url", "https://api.spotify.com"),
+        ("data-scope", "user-read-private"),
+    ):
+        assert f'{name}="{value}"' in html
+    assert 'id="callback-missing"' not in html
+
+
+def test_without_an_allowed_callback_the_page_says_which_uri_to_add_and_where():
+    html = page_client().get("/").get_data(as_text=True)
+    assert 'id="login-button"' not in html
+    missing = re.search(r'id="callback-missing".*?</div>', html, re.S).group(0)
+    assert f'<code id="missing-uri">{PAGE_CALLBACK}</code>' in missing
+    assert "Spotify developer dashboard" in missing and "https://developer.spotify.com/dashboard" in missing
+    assert "SPOTIFY_CLIENT_CALLBACK_URL" in missing
+
+
+def test_on_localhost_the_page_points_to_the_allowed_loopback_address():
+    html = page_client(SPOTIFY_CLIENT_CALLBACK_URL="myapp://cb,http://127.0.0.1:1234/callback").get(
+        "/", base_url="http://localhost:1234"
+    ).get_data(as_text=True)
+    assert 'id="login-button"' not in html
+    assert '<a href="http://127.0.0.1:1234/">' in html
+
+
+def test_behind_a_trusted_proxy_the_page_uses_the_address_the_browser_sees():
+    client = page_client(SPOTIFY_CLIENT_CALLBACK_URL="myapp://cb,https://tokens.example.com/callback", TRUSTED_PROXIES="1")
+    html = client.get("/", headers={"X-Forwarded-Proto": "https", "Host": "tokens.example.com"}).get_data(as_text=True)
+    assert 'tokenSwapURL = URL(string: "https://tokens.example.com/swap")' in html
+    assert 'data-redirect-uri="https://tokens.example.com/callback"' in html
+
+
+def test_a_stand_in_for_spotify_is_said_plainly():
+    stand_in = page_client(SPOTIFY_ACCOUNTS_URL="http://127.0.0.1:4321", SPOTIFY_API_URL="http://127.0.0.1:4321")
+    html = stand_in.get("/").get_data(as_text=True)
+    assert 'id="stand-in"' in html and "Not Spotify" in html and "<code>http://127.0.0.1:4321</code>" in html
+    spotify = page_client(SPOTIFY_ACCOUNTS_URL="https://accounts.spotify.com")
+    assert 'id="stand-in"' not in spotify.get("/").get_data(as_text=True)
+
+
+@pytest.mark.parametrize("path", ["/", "/callback", "/callback?code=c&state=s", "/static/page.js", "/static/page.css"])
+def test_page_and_its_files_carry_the_security_headers(path):
+    with page_client(SPOTIFY_API_URL="https://api.example.net:8443/v1-base").get(path) as response:
+        assert response.status_code == 200
+    for name, value in HEADERS.items():
+        assert response.headers[name] == value
+    policy = csp(response)
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == "'self'"  # no 'unsafe-inline', no other host
+    assert policy["style-src"] == "'self'"
+    assert policy["connect-src"] == "'self' https://api.example.net:8443"
+    assert policy["frame-ancestors"] == "'none'"
+
+
+def test_page_has_no_inline_script_or_style():
+    html = page_client(SPOTIFY_CLIENT_CALLBACK_URL=PAGE_CALLBACK).get("/").get_data(as_text=True)
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/static/page.js" defer>']
+    assert not re.search(r"<[^>]+\son[a-z]+=", html), "inline event handler"
+    assert not re.search(r"<[^>]+\sstyle=", html), "inline style"
+    assert "<style" not in html
+    # Nothing from another host: every src and href of the page's own is a path.
+    for url in re.findall(r'(?:src|href)="([^"]+)"', html):
+        assert url.startswith("/") or url == "https://developer.spotify.com/dashboard", url
+
+
+def test_the_api_and_its_errors_are_unchanged():
+    client = page_client()
+    for response in (client.get("/health"), client.get("/nope"), client.post("/swap", data={}), client.get("/swap")):
+        assert response.headers["Content-Type"] == "application/json"
+        assert "Content-Security-Policy" not in response.headers
+        assert "Referrer-Policy" not in response.headers
+    assert client.get("/nope").get_json()["error"] == "not_found"
+    assert client.get("/health").get_json() == {"status": "ok"}
+
+
+def test_other_methods_on_the_page_are_json_405():
+    response = page_client().post("/", data={"code": "x"})
+    assert response.status_code == 405
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.get_json()["error"] == "method_not_allowed"
+
+
+def test_page_gets_are_neither_counted_nor_refused_by_the_failure_limit():
+    client = page_client(RATE_LIMIT_FAILURES="2/hour", SPOTIFY_CLIENT_CALLBACK_URL=PAGE_CALLBACK)
+    for _ in range(5):
+        for path in ("/", "/callback?code=c&state=s", "/callback?error=access_denied", "/static/page.js"):
+            with client.get(path) as response:
+                assert response.status_code == 200
+        assert client.head("/").status_code == 200
+        assert client.get("/static/missing.js").status_code == 404
+        # Browsers ask for it by themselves, even on a JSON answer.
+        with client.get("/favicon.ico") as icon:
+            assert (icon.status_code, icon.mimetype) == (200, "image/svg+xml")
+    # The whole budget is still there: two failures, then the limit.
+    assert [client.post("/swap", data={}).status_code for _ in range(3)] == [400, 400, 429]
+    # A spent address still sees the page (reads never reach Spotify); the API stays refused.
+    assert client.get("/").status_code == 200
+    assert client.post("/refresh", data={}).status_code == 429

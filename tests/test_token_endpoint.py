@@ -1,0 +1,341 @@
+"""Unit tests of the standard token endpoint: grant_type at every path, what OAuth libraries add,
+refresh answers that always carry a token, and a misconfigured server that says so."""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import pytest
+import responses
+
+from app import REFRESH_PATHS, SWAP_PATHS, create_app
+from crypto import LegacyCipher
+from tests.conftest import BASE_CONFIG, TOKEN_URL, legacy_vectors
+from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET
+from tests.test_app import (  # noqa: F401  (fixtures)
+    CALLBACK,
+    CODE,
+    NEVER_SHOWN,
+    OTHER_CALLBACK,
+    RAW_REFRESH,
+    ROTATED,
+    SECRET_A,
+    SECRET_B,
+    TOKENS,
+    assert_error,
+    assert_token_answer,
+    client,
+    expect,
+    make_app,
+    make_client,
+    post,
+    refresh_form,
+    seal,
+    spotify,
+    swap_form,
+    unseal,
+)
+
+ALL_PATHS = SWAP_PATHS + REFRESH_PATHS
+LIBRARY_EXTRAS = {"client_id": CLIENT_ID, "client_secret": "", "scope": "user-read-private", "state": "xyz"}
+BASIC_FROM_LIBRARY = "Basic " + base64.b64encode(f"{CLIENT_ID}:".encode()).decode()
+
+
+def test_spotify_guide_paths_are_served():
+    assert "/v1/swap" in SWAP_PATHS and "/v1/refresh" in REFRESH_PATHS
+
+
+# -- grant_type ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["form", "json"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_authorization_code_grant_is_a_swap_at_every_path(client, spotify, path, style):
+    expect(spotify, swap_form(), json={**TOKENS, "refresh_token": RAW_REFRESH})
+    body = assert_token_answer(post(client, path, {"grant_type": "authorization_code", "code": CODE}, style))
+    assert unseal(body["refresh_token"]).refresh_token == RAW_REFRESH
+
+
+@pytest.mark.parametrize("style", ["form", "json"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_refresh_token_grant_is_a_refresh_at_every_path(client, spotify, path, style):
+    expect(spotify, refresh_form(), json=TOKENS)
+    sent = seal(RAW_REFRESH)
+    body = assert_token_answer(post(client, path, {"grant_type": "refresh_token", "refresh_token": sent}, style))
+    assert body == {**TOKENS, "refresh_token": sent}
+
+
+@pytest.mark.parametrize("path", SWAP_PATHS)
+def test_without_grant_type_a_swap_path_swaps(client, spotify, path):
+    expect(spotify, swap_form(), json=TOKENS)
+    assert assert_token_answer(client.post(path, data={"code": CODE})) == TOKENS
+
+
+@pytest.mark.parametrize("path", REFRESH_PATHS)
+def test_without_grant_type_a_refresh_path_refreshes(client, spotify, path):
+    expect(spotify, refresh_form(), json=TOKENS)
+    assert_token_answer(client.post(path, data={"refresh_token": seal(RAW_REFRESH)}))
+
+
+@pytest.mark.parametrize("path", SWAP_PATHS)
+def test_without_grant_type_a_swap_path_does_not_refresh(client, spotify, path):
+    assert_error(client.post(path, data={"refresh_token": seal(RAW_REFRESH)}), 400, "invalid_request", "Missing 'code'")
+
+
+def test_ios_sdk_refresh_body_still_works(client, spotify):
+    """The iOS SDK v3: client_id, grant_type and a token percent-encoded down to letters and digits."""
+    sent = seal(RAW_REFRESH)
+    encoded = "".join(c if c.isalnum() else f"%{ord(c):02X}" for c in sent)
+    expect(spotify, refresh_form(), json=TOKENS)
+    response = client.post(
+        "/refresh", data=f"client_id={CLIENT_ID}&grant_type=refresh_token&refresh_token={encoded}",
+        content_type="application/x-www-form-urlencoded",
+    )
+    assert assert_token_answer(response)["refresh_token"] == sent
+
+
+@pytest.mark.parametrize("grant", ["client_credentials", "password", "implicit", "AUTHORIZATION_CODE", "refresh-token"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_other_grant_types_are_unsupported(client, spotify, path, grant):
+    body = assert_error(
+        client.post(path, data={"grant_type": grant, "code": CODE, "refresh_token": seal(RAW_REFRESH)}),
+        400, "unsupported_grant_type",
+    )
+    assert grant not in body["error_description"]  # nothing the client sent is echoed
+    assert len(spotify.calls) == 0
+
+
+@pytest.mark.parametrize("value", [["refresh_token"], 1, True, {"a": 1}])
+def test_grant_type_that_is_no_string_is_invalid_request(client, spotify, value):
+    assert_error(client.post("/api/token", json={"grant_type": value, "code": CODE}), 400, "invalid_request")
+    assert len(spotify.calls) == 0
+
+
+def test_grant_type_twice_is_invalid_request(client, spotify):
+    response = client.post("/api/token", data="grant_type=authorization_code&grant_type=refresh_token&code=c",
+                           content_type="application/x-www-form-urlencoded")
+    assert_error(response, 400, "invalid_request", "'grant_type' was given more than once")
+
+
+# -- what OAuth libraries add --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["form", "json"])
+def test_library_fields_and_basic_auth_are_accepted_and_never_forwarded(client, spotify, style):
+    # expect() matches the exact form and the service's own Basic credentials.
+    expect(spotify, swap_form(), json={**TOKENS, "refresh_token": RAW_REFRESH})
+    expect(spotify, refresh_form(), json=TOKENS)
+    headers = {"Authorization": BASIC_FROM_LIBRARY}
+    fields = {**LIBRARY_EXTRAS, "grant_type": "authorization_code", "code": CODE, "redirect_uri": CALLBACK}
+    request = {"json": fields} if style == "json" else {"data": fields}
+    sealed = assert_token_answer(client.post("/api/token", headers=headers, **request))["refresh_token"]
+    fields = {**LIBRARY_EXTRAS, "grant_type": "refresh_token", "refresh_token": sealed}
+    request = {"json": fields} if style == "json" else {"data": fields}
+    assert_token_answer(client.post("/api/token", headers=headers, **request))
+    assert len(spotify.calls) == 2
+
+
+def test_browser_oauth_libraries_may_send_basic_auth_cross_origin(make_client, spotify):
+    client = make_client(CORS_ORIGINS="https://app.example.com")
+    response = client.options("/api/token", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    })
+    assert response.status_code == 204
+    assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_client_id_of_another_app_is_invalid_client(client, spotify, path):
+    body = assert_error(
+        client.post(path, data={"client_id": "someone-elses-app", "code": CODE, "refresh_token": seal(RAW_REFRESH)}),
+        400, "invalid_client",
+    )
+    assert "another Spotify app" in body["error_description"]
+    assert len(spotify.calls) == 0
+
+
+# -- SpotifyAPI-NET's guide: the sealed token sent as `code` to the refresh URL --------------------
+
+
+@pytest.mark.parametrize("path", REFRESH_PATHS)
+def test_a_sealed_token_as_code_at_a_refresh_path_is_a_refresh(client, spotify, path):
+    expect(spotify, refresh_form(), json=TOKENS)
+    sent = seal(RAW_REFRESH)
+    assert assert_token_answer(client.post(path, data={"code": sent}))["refresh_token"] == sent
+
+
+def test_a_legacy_token_as_code_at_a_refresh_path_is_a_refresh_and_migrates(make_client, spotify):
+    vector = legacy_vectors()[0]
+    expect(spotify, refresh_form(vector["plaintext"]), json=TOKENS)
+    client = make_client(LEGACY_ENCRYPTION_SECRET=vector["secret"])
+    body = assert_token_answer(client.post("/refresh", data={"code": vector["ciphertext"]}))
+    assert unseal(body["refresh_token"]).refresh_token == vector["plaintext"]
+
+
+@pytest.mark.parametrize("code", [CODE, "AQ-not-sealed-here", seal(RAW_REFRESH, SECRET_A)])
+@pytest.mark.parametrize("path", REFRESH_PATHS)
+def test_a_code_that_does_not_open_at_a_refresh_path_is_missing_refresh_token(client, spotify, path, code):
+    assert_error(client.post(path, data={"code": code}), 400, "invalid_request", "Missing 'refresh_token'")
+    assert len(spotify.calls) == 0
+
+
+def test_a_sealed_token_as_code_with_grant_type_refresh_token_is_not_read(client, spotify):
+    """The fallback serves clients that name no grant; a standard request names its token properly."""
+    response = client.post("/refresh", data={"grant_type": "refresh_token", "code": seal(RAW_REFRESH)})
+    assert_error(response, 400, "invalid_request", "Missing 'refresh_token'")
+
+
+def test_a_sealed_token_as_code_at_a_swap_path_is_a_code(client, spotify):
+    sent = seal(RAW_REFRESH)
+    expect(spotify, swap_form(sent), status=400, json={"error": "invalid_grant", "error_description": "Invalid authorization code"})
+    assert_error(client.post("/swap", data={"code": sent}), 400, "invalid_grant")
+
+
+# -- every refresh answer carries refresh_token --------------------------------------------------
+
+
+def test_refresh_answer_carries_the_rotated_token_sealed(client, spotify):
+    expect(spotify, refresh_form(), json={**TOKENS, "refresh_token": ROTATED})
+    body = assert_token_answer(client.post("/api/token", data={"grant_type": "refresh_token", "refresh_token": seal(RAW_REFRESH)}))
+    assert unseal(body["refresh_token"]).refresh_token == ROTATED
+
+
+def test_refresh_answer_carries_the_token_resealed_under_the_newest_key(make_client, spotify):
+    expect(spotify, refresh_form(), json=TOKENS)
+    client = make_client(ENCRYPTION_SECRET=f"{SECRET_B},{SECRET_A}")
+    body = assert_token_answer(client.post("/refresh", data={"refresh_token": seal(RAW_REFRESH, SECRET_A)}))
+    assert unseal(body["refresh_token"], SECRET_B).refresh_token == RAW_REFRESH
+
+
+def test_refresh_answer_carries_a_legacy_token_resealed(make_client, spotify):
+    legacy = LegacyCipher("old-service-secret").encrypt(RAW_REFRESH)
+    expect(spotify, refresh_form(), json=TOKENS)
+    client = make_client(LEGACY_ENCRYPTION_SECRET="old-service-secret")
+    body = assert_token_answer(client.post("/refresh", data={"refresh_token": legacy}))
+    assert unseal(body["refresh_token"]).refresh_token == RAW_REFRESH
+
+
+# -- a misconfigured server says so, to its operator ---------------------------------------------
+
+
+REFUSALS = [
+    ({"error": "invalid_client", "error_description": "Invalid client secret"}, "SPOTIFY_CLIENT_SECRET"),
+    ({"error": "invalid_client", "error_description": "Invalid client"}, "SPOTIFY_CLIENT_ID"),
+    ({"error": "invalid_client"}, "SPOTIFY_CLIENT_ID"),
+    ({"error": "unauthorized_client", "error_description": "Unauthorized client"}, "SPOTIFY_CLIENT_ID"),
+]
+
+
+@pytest.mark.parametrize("answer, variable", REFUSALS)
+@pytest.mark.parametrize("endpoint", ["swap", "refresh"])
+def test_spotify_refusing_the_services_credentials_is_a_5xx_and_logged_for_the_operator(
+    make_client, spotify, caplog, endpoint, answer, variable
+):
+    caplog.set_level(logging.DEBUG)
+    client = make_client(RATE_LIMIT_FAILURES="2/hour")
+    form = swap_form() if endpoint == "swap" else refresh_form()
+    spotify.post(TOKEN_URL, status=400, json=answer, match=[responses.matchers.urlencoded_params_matcher(form)])
+    fields = {"code": CODE} if endpoint == "swap" else {"refresh_token": seal(RAW_REFRESH)}
+    for _ in range(5):  # more than the failure budget: never counted against the app's user
+        body = assert_error(client.post(f"/{endpoint}", data=fields), 500, "server_error")
+        assert "misconfigured" in body["error_description"] and "retry later" in body["error_description"]
+        assert "SPOTIFY" not in body["error_description"]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, "at most once a minute per worker"
+    message = errors[0].getMessage()
+    assert variable in message and answer["error"] in message
+    other = {"SPOTIFY_CLIENT_SECRET", "SPOTIFY_CLIENT_ID"} - {variable}
+    assert not any(name in message for name in other)
+    assert CLIENT_SECRET not in caplog.text
+    for secret in NEVER_SHOWN:
+        assert secret not in caplog.text
+
+
+def test_the_misconfiguration_is_logged_again_after_a_minute(make_client, spotify, caplog, monkeypatch):
+    import app as app_module
+
+    now = [1000.0]
+    monkeypatch.setattr(app_module.time, "monotonic", lambda: now[0])
+    client = make_client()
+    spotify.post(TOKEN_URL, status=400, json=REFUSALS[0][0])
+    for step in (0, 30, 31, 10):
+        now[0] += step
+        client.post("/swap", data={"code": CODE})
+    assert sum(r.levelno == logging.ERROR for r in caplog.records) == 2
+
+
+def test_a_redirect_uri_spotify_does_not_know_goes_to_the_app_and_warns_the_operator(client, spotify, caplog):
+    answer = {"error": "invalid_grant", "error_description": "Invalid redirect URI"}
+    expect(spotify, swap_form(CODE, OTHER_CALLBACK), status=400, json=answer)
+    response = client.post("/swap", data={"code": CODE, "redirect_uri": OTHER_CALLBACK})
+    assert response.status_code == 400 and response.get_json() == answer
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert OTHER_CALLBACK in warning.getMessage() and "dashboard" in warning.getMessage()
+
+
+def test_other_invalid_grants_warn_nobody(client, spotify, caplog):
+    expect(spotify, swap_form(), status=400, json={"error": "invalid_grant", "error_description": "Invalid authorization code"})
+    client.post("/swap", data={"code": CODE})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# -- flask --app app check -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """Run `flask check` in-process, with these variables as the environment."""
+
+    def run(**variables: str):
+        for name, value in BASE_CONFIG.items():
+            monkeypatch.setenv(name, value)
+        app = create_app({"TESTING": True})
+        for name, value in variables.items():  # what the command reads, when it runs
+            monkeypatch.setenv(name, value)
+        return app.test_cli_runner().invoke(args=["check"])
+
+    return run
+
+
+def test_check_passes_a_good_deployment(cli, spotify):
+    spotify.post(TOKEN_URL, json={"access_token": "app-token", "token_type": "Bearer", "expires_in": 3600},
+                 match=[responses.matchers.urlencoded_params_matcher({"grant_type": "client_credentials"})])
+    result = cli(LEGACY_ENCRYPTION_SECRET="old-secret")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["ok", "ok", "ok"]
+    assert any("myapp://callback" in line and "https://example.com/callback" in line for line in lines)
+    assert any("key ids" in line for line in lines) and any("legacy tokens are read" in line for line in lines)
+    for secret in (CLIENT_SECRET, BASE_CONFIG["ENCRYPTION_SECRET"], "old-secret"):
+        assert secret not in result.output
+
+
+@pytest.mark.parametrize("answer, variable", REFUSALS[:2])
+def test_check_names_the_credential_spotify_refuses(cli, spotify, answer, variable):
+    spotify.post(TOKEN_URL, status=400, json=answer)
+    result = cli()
+    assert result.exit_code != 0
+    [failure] = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    assert variable in failure
+    assert CLIENT_SECRET not in result.output
+
+
+def test_check_names_an_unreachable_storage(cli, spotify):
+    spotify.post(TOKEN_URL, json={"access_token": "app-token", "token_type": "Bearer"})
+    result = cli(RATE_LIMIT_STORAGE_URI="redis://:hunter2-password@127.0.0.1:1/0")
+    assert result.exit_code != 0
+    [failure] = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    assert "RATE_LIMIT_STORAGE_URI" in failure
+    assert "hunter2" not in result.output
+
+
+def test_check_reports_a_bad_configuration_without_calling_spotify(cli, spotify):
+    result = cli(SPOTIFY_CLIENT_SECRET="", ENCRYPTION_SECRET="tooShortSecret")
+    assert result.exit_code != 0
+    failures = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    assert any("SPOTIFY_CLIENT_SECRET" in line for line in failures)
+    assert any("ENCRYPTION_SECRET" in line for line in failures)
+    assert "tooShortSecret" not in result.output
+    assert len(spotify.calls) == 0
