@@ -131,14 +131,23 @@ def _escaped(value: object) -> object:
     return value
 
 
+class _SafeAtoms(glogging.SafeAtoms):
+    """gunicorn's atoms for the access line, each escaped as the line's format asks for it."""
+
+    def __getitem__(self, name: str) -> object:
+        return _escaped(super().__getitem__(name))
+
+
 class Logger(glogging.Logger):
     """gunicorn's logger (the `logger_class` setting), with every logged value made safe."""
+
+    atoms_wrapper_class = _SafeAtoms
 
     def atoms(self, resp, req, environ, request_time):  # type: ignore[no-untyped-def]
         atoms = super().atoms(resp, req, environ, request_time)
         for name in ("U", "r"):
             atoms[name] = _redacted(atoms.get(name))
-        return {name: _escaped(value) for name, value in atoms.items()}
+        return atoms
 
     def warning(self, msg, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # "Invalid request from ip=...: Invalid HTTP request line: 'POST /refresh?refresh_token=...'"

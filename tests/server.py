@@ -103,7 +103,11 @@ class Server:
                 time.sleep(0.05)
                 continue
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if requests.get(self.url + "/health", timeout=1, headers=CLOSE).status_code == 200:
+                    # gunicorn writes the line after the answer: wait for it, so that it does not
+                    # land among the lines of the test that comes next.
+                    while "/health" not in self.output()[self._started_at:] and time.monotonic() < deadline:
+                        time.sleep(0.02)
                     return
             except requests.RequestException:
                 pass

@@ -203,3 +203,45 @@ def test_a_burst_of_junk_after_many_successes_stays_within_the_budget_plus_succe
             reached = len(fake.requests)
     assert 5 <= reached <= 5 + SUCCESS_ROOM, (reached, statuses)
     assert statuses[400] == reached and statuses[429] + statuses[503] == 100 - reached
+
+
+# -- the memory:// storage -------------------------------------------------------------------------
+
+
+def test_process_memory_decides_as_limits_memory_storage_does(monkeypatch):
+    """The same sliding-window decisions as limits' MemoryStorage, at the same instants."""
+    import limits.storage.memory
+    from limits import parse
+    from limits.strategies import SlidingWindowCounterRateLimiter
+
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(ratelimit.time, "time", lambda: now[0])
+    monkeypatch.setattr(limits.storage.memory.time, "time", lambda: now[0])
+    ours = SlidingWindowCounterRateLimiter(ratelimit.ProcessMemory())
+    reference = limits.storage.memory.MemoryStorage()
+    theirs = SlidingWindowCounterRateLimiter(reference)
+    item = parse("5/minute")
+    decisions = []
+    try:
+        for step in [0, 1, 1, 2, 3, 5, 20, 30, 31, 35, 50, 59, 61, 62, 70, 90, 119, 121, 150, 181, 240, 241, 400]:
+            now[0] += step
+            for key in ("a", "b"):
+                decisions.append((ours.hit(item, key), theirs.hit(item, key)))
+                assert ours.get_window_stats(item, key).remaining == theirs.get_window_stats(item, key).remaining
+    finally:
+        reference.timer.cancel()
+    assert all(a == b for a, b in decisions), decisions
+    assert {a for a, _ in decisions} == {True, False}
+
+
+def test_process_memory_forgets_expired_keys(monkeypatch):
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(ratelimit.time, "time", lambda: now[0])
+    storage = ratelimit.ProcessMemory()
+    for n in range(1000):
+        storage.incr(f"token-{n}", 60)
+    assert storage.get("token-7") == 1
+    now[0] += 61
+    assert storage.get("token-7") == 0  # expired as it is read
+    storage.incr("fresh", 60)  # and the rest swept, at most once a second
+    assert storage.reset() == 1
