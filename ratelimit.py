@@ -345,8 +345,11 @@ class Limits:
         self._successes = [_WindowCount(item.get_expiry()) for item in self._failures]
         # Calls to Spotify in flight, and requests waiting for one to end, by client.
         self._in_flight: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        # Requests waiting for one of their client's calls to end: one queue per client, so that each
+        # call that ends wakes one of its own client's waiters, not all of everyone's.
+        self._turns: dict[str, threading.Condition] = {}
         self._waiting: Counter[str] = Counter()
-        self._ended = threading.Condition()
 
     @property
     def counts_failures(self) -> bool:
@@ -393,35 +396,43 @@ class Limits:
             raise
 
     def _admit(self, key: str, deadline: float) -> None:
-        with self._ended:
+        with self._lock:
             in_flight = self._in_flight[key]
             if all(in_flight < self._earned(successes, key) for successes in self._successes):
                 # Its successes alone make room. check() has just found the client within its
                 # budget, so the failure counts need not be read again (a storage round trip).
                 self._in_flight[key] = in_flight + 1
                 return
-        while True:
-            room = []
-            for item, successes in zip(self._failures, self._successes):
-                stats = self._use(lambda c: c.get_window_stats(item, "failures", key))
-                if stats.remaining <= 0:
-                    raise Refused(_retry_after(stats.reset_time), Refused.FAILURES)
-                room.append(stats.remaining + self._earned(successes, key))
-            with self._ended:
-                in_flight = self._in_flight[key]
-                if all(in_flight < calls for calls in room):
-                    self._in_flight[key] = in_flight + 1
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Refused(1, Refused.BUSY)
-                self._waiting[key] += 1
-                try:
-                    self._ended.wait(left)
-                finally:
-                    self._waiting[key] -= 1
-                    if not self._waiting[key]:
-                        del self._waiting[key]
+        try:
+            while True:
+                room = []
+                for item, successes in zip(self._failures, self._successes):
+                    stats = self._use(lambda c: c.get_window_stats(item, "failures", key))
+                    if stats.remaining <= 0:
+                        raise Refused(_retry_after(stats.reset_time), Refused.FAILURES)
+                    room.append(stats.remaining + self._earned(successes, key))
+                with self._lock:
+                    in_flight = self._in_flight[key]
+                    if all(in_flight < calls for calls in room):
+                        self._in_flight[key] = in_flight + 1
+                        return
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Refused(1, Refused.BUSY)
+                    turn = self._turns.setdefault(key, threading.Condition(self._lock))
+                    self._waiting[key] += 1
+                    try:
+                        turn.wait(left)
+                    finally:
+                        self._waiting[key] -= 1
+                        if not self._waiting[key]:
+                            del self._waiting[key], self._turns[key]
+        except Refused:
+            # This request may have been woken for a turn it does not take: hand it on.
+            with self._lock:
+                if self._waiting[key]:
+                    self._turns[key].notify()
+            raise
 
     @staticmethod
     def _earned(successes: _WindowCount, key: str) -> int:
@@ -431,14 +442,14 @@ class Limits:
         """The call to Spotify admitted for this client is over, and its answer counted."""
         if not self._failures:
             return
-        with self._ended:
+        with self._lock:
             left = self._in_flight[key] - 1
             if left > 0:
                 self._in_flight[key] = left
             else:
                 del self._in_flight[key]
             if self._waiting[key]:
-                self._ended.notify_all()
+                self._turns[key].notify()
 
     def _spend(self, spend: list[tuple]) -> None:
         # Test every ceiling before spending any, so a refused call spends none of them.
