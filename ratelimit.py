@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from functools import lru_cache
 from typing import TypeVar
@@ -346,10 +346,9 @@ class Limits:
         # Calls to Spotify in flight, and requests waiting for one to end, by client.
         self._in_flight: Counter[str] = Counter()
         self._lock = threading.Lock()
-        # Requests waiting for one of their client's calls to end: one queue per client, so that each
-        # call that ends wakes one of its own client's waiters, not all of everyone's.
-        self._turns: dict[str, threading.Condition] = {}
-        self._waiting: Counter[str] = Counter()
+        # Requests waiting for one of their client's calls to end, in order: each call that ends
+        # wakes the first of its own client's, not all of everyone's.
+        self._queues: dict[str, deque[threading.Event]] = {}
 
     @property
     def counts_failures(self) -> bool:
@@ -398,11 +397,14 @@ class Limits:
     def _admit(self, key: str, deadline: float) -> None:
         with self._lock:
             in_flight = self._in_flight[key]
-            if all(in_flight < self._earned(successes, key) for successes in self._successes):
+            if key not in self._queues and all(
+                in_flight < self._earned(successes, key) for successes in self._successes
+            ):
                 # Its successes alone make room. check() has just found the client within its
                 # budget, so the failure counts need not be read again (a storage round trip).
                 self._in_flight[key] = in_flight + 1
                 return
+        woken = False  # first in the client's queue: a call ended and handed this request its turn
         try:
             while True:
                 room = []
@@ -413,26 +415,44 @@ class Limits:
                     room.append(stats.remaining + self._earned(successes, key))
                 with self._lock:
                     in_flight = self._in_flight[key]
-                    if all(in_flight < calls for calls in room):
+                    # First come, first served: a new request does not pass those already waiting.
+                    if (woken or key not in self._queues) and all(in_flight < calls for calls in room):
                         self._in_flight[key] = in_flight + 1
                         return
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Refused(1, Refused.BUSY)
-                    turn = self._turns.setdefault(key, threading.Condition(self._lock))
-                    self._waiting[key] += 1
-                    try:
-                        turn.wait(left)
-                    finally:
-                        self._waiting[key] -= 1
-                        if not self._waiting[key]:
-                            del self._waiting[key], self._turns[key]
+                    turn = threading.Event()
+                    queue = self._queues.setdefault(key, deque())
+                    if woken:  # it keeps its place at the head
+                        queue.appendleft(turn)
+                    else:
+                        queue.append(turn)
+                woken = turn.wait(left)
+                if not woken:
+                    with self._lock:
+                        woken = turn.is_set()  # handed its turn just as its wait ran out
+                        if not woken:
+                            self._leave(key, turn)
         except Refused:
-            # This request may have been woken for a turn it does not take: hand it on.
-            with self._lock:
-                if self._waiting[key]:
-                    self._turns[key].notify()
+            if woken:  # a turn this request does not take: hand it on
+                with self._lock:
+                    self._wake_next(key)
             raise
+
+    def _leave(self, key: str, turn: threading.Event) -> None:
+        queue = self._queues.get(key)
+        if queue is not None and turn in queue:
+            queue.remove(turn)
+            if not queue:
+                del self._queues[key]
+
+    def _wake_next(self, key: str) -> None:
+        queue = self._queues.get(key)
+        if queue:
+            queue.popleft().set()
+            if not queue:
+                del self._queues[key]
 
     @staticmethod
     def _earned(successes: _WindowCount, key: str) -> int:
@@ -448,8 +468,7 @@ class Limits:
                 self._in_flight[key] = left
             else:
                 del self._in_flight[key]
-            if self._waiting[key]:
-                self._turns[key].notify()
+            self._wake_next(key)
 
     def _spend(self, spend: list[tuple]) -> None:
         # Test every ceiling before spending any, so a refused call spends none of them.

@@ -245,3 +245,31 @@ def test_process_memory_forgets_expired_keys(monkeypatch):
     assert storage.get("token-7") == 0  # expired as it is read
     storage.incr("fresh", 60)  # and the rest swept, at most once a second
     assert storage.reset() == 1
+
+
+def test_requests_waiting_for_a_turn_are_served_first_come_first_served():
+    """Past its room, a client's requests queue; each call that ends hands the first one its turn,
+    and a request that arrives later does not pass them (once, it could wait out SPOTIFY_TIMEOUT)."""
+    limits = ratelimit.Limits("2/hour", None, wait=10)
+    limits.count_failure("client")  # one failure left: room for one call at a time
+    limits.admit("client")
+    order: list[int] = []
+
+    def take_turn(n: int) -> None:
+        limits.admit("client")
+        order.append(n)
+        limits.release("client")
+
+    threads = []
+    for n in range(5):
+        threads.append(threading.Thread(target=take_turn, args=(n,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while len(limits._queues.get("client", ())) < n + 1:
+            assert time.monotonic() < deadline, "the request did not queue"
+            time.sleep(0.005)
+    limits.release("client")
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2, 3, 4]
+    assert "client" not in limits._queues
