@@ -144,9 +144,24 @@ class Logger(glogging.Logger):
     atoms_wrapper_class = _SafeAtoms
 
     def atoms(self, resp, req, environ, request_time):  # type: ignore[no-untyped-def]
-        atoms = super().atoms(resp, req, environ, request_time)
+        if self.cfg.access_log_format == access_log_format:
+            # The six atoms this service's line shows, computed as gunicorn computes them
+            # (tests/test_descriptors.py compares them with gunicorn's own): the stock method also
+            # copies every header and environ entry and formats a date, for each request.
+            status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+            atoms = {
+                "h": environ.get("REMOTE_ADDR", "-"),
+                "m": environ.get("REQUEST_METHOD"),
+                "U": environ.get("PATH_INFO"),
+                "s": status,
+                "B": getattr(resp, "sent", None),
+                "M": request_time.seconds * 1000 + int(request_time.microseconds / 1000),
+            }
+        else:
+            atoms = super().atoms(resp, req, environ, request_time)
         for name in ("U", "r"):
-            atoms[name] = _redacted(atoms.get(name))
+            if name in atoms:
+                atoms[name] = _redacted(atoms[name])
         return atoms
 
     def warning(self, msg, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

@@ -736,3 +736,38 @@ def test_token_format_page_example_length_is_true():
     sealed = crypto.TokenSealer(["example secret, long enough"], "client").seal("A" * characters)
     assert len(sealed) == token_chars
     assert len(base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))) == size
+
+
+def test_the_access_line_is_the_one_gunicorns_own_atoms_make(monkeypatch, tmp_path):
+    """gunicorn.conf.py computes only the six atoms its line shows: the line must be exactly what
+    gunicorn's full atoms() would make of the same request, so an upgrade that changes an atom shows."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from gunicorn import glogging
+    from gunicorn.config import Config as GunicornConfig
+
+    monkeypatch.chdir(tmp_path)
+    for name, value in {**DUMMIES, "ENCRYPTION_SECRET": generate_secret()}.items():
+        monkeypatch.setenv(name, value)
+    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    cfg = GunicornConfig()
+    cfg.set("access_log_format", settings["access_log_format"])
+    ours, stock = settings["Logger"](cfg), glogging.Logger(cfg)
+    cases = [
+        ("203.0.113.9", "POST", "/refresh", "200 OK", 187, timedelta(microseconds=93_999)),
+        ("2001:db8::1", "GET", "/nope;token=x", "404 NOT FOUND", None, timedelta(seconds=2, microseconds=5)),
+        ("-", "POST", "/x\n6.6.6.6 \"POST", "400 BAD REQUEST", 0, timedelta(0)),
+    ]
+    for address, method, path, status, sent, took in cases:
+        environ = {"REMOTE_ADDR": address, "REQUEST_METHOD": method, "PATH_INFO": path, "RAW_URI": path,
+                   "SERVER_PROTOCOL": "HTTP/1.1", "QUERY_STRING": "", "HTTP_USER_AGENT": "t"}
+        resp = SimpleNamespace(status=status, sent=sent, headers=[("Content-Type", "application/json")])
+        req = SimpleNamespace(headers=[("HOST", "x")])
+        line = cfg.access_log_format % ours.atoms_wrapper_class(ours.atoms(resp, req, environ, took))
+        full = glogging.Logger.atoms(ours, resp, req, environ, took)
+        full["U"] = settings["_redacted"](full["U"])
+        assert line == cfg.access_log_format % ours.atoms_wrapper_class(full)
+        assert "\n" not in line and "token=x" not in line
+        assert line.startswith(address) or address == "-"
+        assert stock.atoms(resp, req, environ, took)["U"] == path  # what the redaction is applied to
