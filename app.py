@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import click
 from flask import Flask, Response, current_app, request
@@ -203,7 +204,14 @@ def _read_body() -> bytes:
 def _body() -> Mapping[str, Any]:
     # Read whole first: form parsing would silently stop at the limit or at a broken chunk. The
     # form and JSON parsers then read the data kept by get_data().
-    _read_body()
+    body = _read_body()
+    if request.mimetype == "application/x-www-form-urlencoded":
+        # What every SDK sends: the standard library's parser, one layer instead of werkzeug's
+        # form-parser set-up per request (multipart and the rest go through request.form).
+        try:
+            return MultiDict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError:  # not UTF-8: no fields, as werkzeug would have it
+            return MultiDict()
     if request.is_json:
         try:
             data = request.get_json(silent=True)
