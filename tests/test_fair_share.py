@@ -81,7 +81,9 @@ def test_a_forwarded_entry_that_is_no_address_counts_under_the_connection_and_is
 
 
 def test_a_token_refreshed_past_its_ceiling_is_429_without_calling_spotify():
-    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_PER_TOKEN": "3/minute"})
+    # A day's window (ending at midnight UTC): the test does not straddle a window's end, where the
+    # sliding window's rounding would let one more through.
+    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_PER_TOKEN": "3/day"})
     greedy, other = SEALER.seal("AQ-greedy"), SEALER.seal("AQ-other")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
         spotify.post(TOKEN_URL, json=TOKENS)
@@ -90,7 +92,7 @@ def test_a_token_refreshed_past_its_ceiling_is_429_without_calling_spotify():
         refused = app.test_client().post("/refresh", data={"refresh_token": greedy})
         assert app.test_client().post("/refresh", data={"refresh_token": other}).status_code == 200
     assert statuses == [200] * 3 + [429] * 3
-    assert refused.get_json()["error"] == "rate_limited" and 0 < int(refused.headers["Retry-After"]) <= 61
+    assert refused.get_json()["error"] == "rate_limited" and 0 < int(refused.headers["Retry-After"]) <= 86401
 
 
 def test_the_ceiling_is_counted_by_a_hash_of_the_token_never_the_token(monkeypatch):
@@ -159,8 +161,9 @@ def test_one_client_hammering_its_own_token_leaves_spotify_to_the_others(fake_ac
             for thread in threads:
                 thread.join(30)
     assert others == [200] * 12
-    # The default: 5 refreshes a minute per token, counted per worker with memory storage (2 workers).
-    assert greedy_statuses[200] <= 5 * 2, greedy_statuses
+    # The default: 5 refreshes a minute per token, counted per worker with memory storage (2 workers);
+    # the sliding window's rounding lets one more through in a worker when the test spans a minute's end.
+    assert greedy_statuses[200] <= (5 + 1) * 2, greedy_statuses
     assert greedy_statuses[429] > 0 and set(greedy_statuses) <= {200, 429}
 
 
