@@ -181,19 +181,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
                 f"TRUSTED_PROXIES={get('TRUSTED_PROXIES')!r} must be a whole number of proxies (0 or more)"
             )
 
-    # Blank means unset, as for every other variable: only an explicit 0 or off turns the limit off.
-    raw_failures = get("RATE_LIMIT_FAILURES")
-    rate_limit_failures = (
-        Config.rate_limit_failures
-        if not raw_failures
-        else _check_rate("RATE_LIMIT_FAILURES", raw_failures, problems)
-    )
-    raw_per_token = get("RATE_LIMIT_PER_TOKEN")
-    rate_limit_per_token = (
-        Config.rate_limit_per_token
-        if not raw_per_token
-        else _check_rate("RATE_LIMIT_PER_TOKEN", raw_per_token, problems)
-    )
+    def rate_or_default(name: str, default: str | None) -> str | None:
+        # Blank means unset, as for every other variable: only an explicit 0 or off turns it off.
+        return _check_rate(name, get(name), problems) if get(name) else default
+
+    rate_limit_failures = rate_or_default("RATE_LIMIT_FAILURES", Config.rate_limit_failures)
+    rate_limit_per_token = rate_or_default("RATE_LIMIT_PER_TOKEN", Config.rate_limit_per_token)
     spotify_max_rate = _check_rate("SPOTIFY_MAX_RATE", get("SPOTIFY_MAX_RATE"), problems)
 
     storage_uri = get("RATE_LIMIT_STORAGE_URI") or Config.rate_limit_storage_uri

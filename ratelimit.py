@@ -165,7 +165,8 @@ def _log_bad_address(spelling: str) -> None:
         current_app.logger.warning(
             "X-Forwarded-For entry %s is not an address: counting its requests under the "
             "connection's own address (logged at most once a minute)",
-            ascii(spelling[:100]),
+            # Escaped, and no longer than an address can be: a header is the client's to fill.
+            ascii(spelling[:45]) + ("..." if len(spelling) > 45 else ""),
         )
 
 

@@ -190,7 +190,7 @@ def _json_object(content: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def seconds(value: Any) -> int | None:
+def _seconds(value: Any) -> int | None:
     """A whole number of seconds from a JSON number or numeric string; None if it is not one."""
     if isinstance(value, bool):
         return None
@@ -208,7 +208,7 @@ def _retry_after(value: str | None) -> str | None:
     value = (value or "").strip()
     if not value:
         return None
-    whole = seconds(value)
+    whole = _seconds(value)
     if whole is None:
         try:
             when = parsedate_to_datetime(value)
@@ -230,7 +230,7 @@ def _read_answer(response: requests.Response) -> dict[str, Any]:
         if body is None or not isinstance(body.get("access_token"), str) or not body["access_token"]:
             raise BadAnswer("Spotify's answer had no access token")
         if "expires_in" in body:
-            expires_in = seconds(body["expires_in"])
+            expires_in = _seconds(body["expires_in"])
             if expires_in is None:
                 raise BadAnswer("Spotify's answer had no valid expires_in")
             body["expires_in"] = expires_in

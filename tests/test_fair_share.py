@@ -77,6 +77,16 @@ def test_a_forwarded_entry_that_is_no_address_counts_under_the_connection_and_is
     assert len(warnings) == 1 and "\\xfcn" in warnings[0]  # written escaped
 
 
+def test_a_forwarded_entry_is_never_logged_whole(caplog):
+    """A client fills its headers as it likes: a code put there must not reach the log."""
+    app = create_app({**BASE_CONFIG, "TESTING": True, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "5/hour"})
+    ratelimit._bad_address_logged = 0.0
+    code = "AQ" + uuid.uuid4().hex * 8
+    app.test_client().post("/swap", data={}, headers={"X-Forwarded-For": code})
+    [warning] = [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
+    assert code[:45] in warning and code not in warning
+
+
 # -- the per-token ceiling ---------------------------------------------------------------------------
 
 
