@@ -111,14 +111,6 @@ class LegacyCipher:
             raise InvalidToken
         return plaintext
 
-    def encrypt(self, plaintext: str) -> str:
-        """Seal as the gem does; used by tests to make legacy tokens beyond the shared vectors."""
-        data = plaintext.encode("utf-8")
-        pad = 8 - len(data) % 8
-        sealed = DES3.new(self._key, DES3.MODE_CBC, iv=self._iv).encrypt(data + bytes([pad]) * pad)
-        text = base64.b64encode(sealed).decode("ascii")
-        return "".join(text[i : i + 60] + "\n" for i in range(0, len(text), 60))
-
 
 def _evp_bytes_to_key(password: bytes, length: int, iterations: int = 2048) -> bytes:
     material, block = b"", b""

@@ -2,7 +2,7 @@
 
 Writes .env from .env.example with a fresh ENCRYPTION_SECRET when there is none (or adds the secret when it is
 empty), then starts the Procfile's web command on 127.0.0.1:1234, which reads .env through gunicorn.conf.py.
-Without SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET it also starts tests/fake_accounts.py and points the service
+Without SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET it also starts devtools/fake_accounts.py and points the service
 at it. `--host 0.0.0.0` listens on every interface and prints the URLs a phone on the same network needs.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from dotenv import dotenv_values, set_key
 
 from config import generate_secret
-from tests.server import web_command
+from devtools.process import web_command
 
 ROOT = Path(__file__).resolve().parent
 # Spotify's Ruby demo listens here, and the iOS SDK's demo projects send their swaps and refreshes here.
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     fake = stand_in = None
     if not (setting("SPOTIFY_CLIENT_ID", dotenv) and setting("SPOTIFY_CLIENT_SECRET", dotenv)):
-        from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts, describe
+        from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts, describe
 
         fake = FakeAccounts(record=False).start()
         stand_in = describe(fake.url)

@@ -5,7 +5,7 @@
     python bench/run.py --workers 3 --gunicorn-args "--worker-class gthread --threads 64"
     python bench/run.py --scenario cpu --env RATE_LIMIT_FAILURES=off
 
-For each scenario it starts tests/fake_accounts.py as its own process (latency, HTTPS, a delay on
+For each scenario it starts devtools/fake_accounts.py as its own process (latency, HTTPS, a delay on
 each new connection), times the same load straight at it (the upstream alone), starts the
 Procfile's web command (real gunicorn, the Procfile's defaults unless told otherwise) pointed at
 it, warms up with wrk, then measures a wrk run of POST /refresh with a sealed refresh token. It
@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from crypto import TokenSealer  # noqa: E402
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET  # noqa: E402
-from tests.server import Server  # noqa: E402
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET  # noqa: E402
+from devtools.process import Server  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 SECRET = "bench-secret-0123456789abcdef-not-for-production"
@@ -158,7 +158,7 @@ def own_and_children_seconds() -> tuple[float, float]:
 
 # -- the fake accounts service, as its own process --------------------------------------------------
 class FakeProcess:
-    """tests/fake_accounts.py run by its command line; counts upstream connections via /_stats."""
+    """devtools/fake_accounts.py run by its command line; counts upstream connections via /_stats."""
 
     def __init__(self, scenario: Scenario, workdir: str):
         self.ready_file = os.path.join(workdir, "fake.json")

@@ -9,7 +9,7 @@ import pytest
 
 from app import create_app
 from config import VARIABLES
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 
 SECRET = "unit-test-secret-0123456789abcdef"
 SPOTIFY = "http://127.0.0.1:9"  # never listened on: unit tests fake it with responses

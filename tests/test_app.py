@@ -21,9 +21,10 @@ from flask.testing import FlaskClient
 from responses import matchers
 
 from app import REFRESH_PATHS, SWAP_PATHS, create_app
-from crypto import LegacyCipher, Opened, TokenSealer
+from crypto import Opened, TokenSealer
 from tests.conftest import SECRET, TOKEN_URL, legacy_vectors
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET
+from devtools.legacy import legacy_token
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGACY_VECTORS = legacy_vectors()
@@ -634,7 +635,7 @@ def test_legacy_token_refreshes_and_migrates(make_client, spotify, vector, style
 def test_legacy_token_with_plus_sent_unencoded(make_client, spotify):
     """A client that did not URL-encode the form: every '+' arrives as a space."""
     plaintext = "AQC-legacy-plus-11"
-    ciphertext = LegacyCipher("s3cret").encrypt(plaintext)
+    ciphertext = legacy_token("s3cret", plaintext)
     assert "+" in ciphertext
     expect(spotify, refresh_form(plaintext), json={**TOKENS, "refresh_token": ROTATED})
     client = _legacy_client(make_client, "s3cret", plaintext)
@@ -673,7 +674,7 @@ def test_legacy_token_with_wrong_secret_is_invalid_grant(make_client, spotify, v
 def test_legacy_token_opening_to_garbage_is_invalid_grant(make_client, spotify, plaintext):
     client = make_client(LEGACY_ENCRYPTION_SECRET="s3cret")
     response = client.post(
-        "/refresh", data={"refresh_token": LegacyCipher("s3cret").encrypt(plaintext)}
+        "/refresh", data={"refresh_token": legacy_token("s3cret", plaintext)}
     )
     assert_error(response, 400, "invalid_grant", "Invalid refresh token")
     assert len(spotify.calls) == 0

@@ -17,8 +17,8 @@ import requests
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests.conftest import SECRET, server_env
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
-from tests.server import CLOSE, Server, free_port, json_answer
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
+from devtools.process import CLOSE, Server, free_port, json_answer
 
 ROOT = Path(__file__).resolve().parent.parent
 # The machine has no internet, and a test talks to 127.0.0.1 only: nothing in the background.

@@ -31,7 +31,7 @@ from Crypto.Protocol.KDF import HKDF
 import crypto
 from config import SERVER_VARIABLES, VARIABLES, generate_secret, load_config
 from tests.conftest import BASE_CONFIG
-from tests.server import free_port, web_command
+from devtools.process import free_port, web_command
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {name for name, text in VARIABLES.items() if text.endswith("(required)")}

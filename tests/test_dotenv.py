@@ -17,14 +17,14 @@ import pytest
 import requests
 
 from config import generate_secret
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
-from tests.server import CLOSE, free_port, json_answer, web_command
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
+from devtools.process import CLOSE, free_port, json_answer, web_command
 
 ROOT = Path(__file__).resolve().parent.parent
-# What the three commands need, copied into a directory of its own with its own .env.
-FILES = ("app.py", "check.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py",
-         "run.py", "Procfile", ".env.example", "templates", "static",
-         "tests/__init__.py", "tests/fake_accounts.py", "tests/server.py")
+# What the three commands need, copied into a directory of its own with its own .env: every module of
+# the service (whatever modules it grows), its files, and the development stand-in for Spotify.
+FILES = tuple(sorted(p.name for p in ROOT.glob("*.py"))) + (
+    "Procfile", ".env.example", "templates", "static", "devtools")
 
 
 def copy_of_the_service(directory: Path) -> Path:
@@ -178,7 +178,7 @@ def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
     url = f"http://127.0.0.1:{port}"
     commands = {
         "flask run": ([sys.executable, "-m", "flask", "--app", "app", "run", "--port", str(port)], {}),
-        # As a platform runs it: its PORT; stay on loopback as tests/server.py does.
+        # As a platform runs it: its PORT; stay on loopback as devtools/process.py does.
         "Procfile": (["bash", "-c", "exec " + web_command()],
                      {"PORT": str(port), "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}"}),
         "make run": ([sys.executable, "run.py", "--port", str(port)], {}),

@@ -21,8 +21,8 @@ import requests
 
 from crypto import InvalidToken, TokenSealer
 from tests.conftest import BASE_CONFIG, SECRET, server_env
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
-from tests.server import CLOSE, Server, free_port, json_answer
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
+from devtools.process import CLOSE, Server, free_port, json_answer
 
 SWAP_PATHS = ("/swap", "/api/token")
 REFRESH_PATHS = ("/refresh", "/api/refresh_token")

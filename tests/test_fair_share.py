@@ -20,8 +20,8 @@ from app import create_app
 from crypto import TokenSealer
 from ratelimit import canonical_address
 from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL, server_env
-from tests.fake_accounts import CLIENT_ID, FakeAccounts
-from tests.server import Server
+from devtools.fake_accounts import CLIENT_ID, FakeAccounts
+from devtools.process import Server
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
 SUCCESS_ROOM = 10

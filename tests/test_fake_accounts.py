@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 
 REDIRECT = "http://127.0.0.1:1234/callback"
 VERIFIER = "v" * 43

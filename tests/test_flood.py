@@ -15,9 +15,9 @@ from collections.abc import Callable
 import pytest
 
 from app import BODY_TIMEOUT
-from bench.flood import raise_open_file_limit, run_flood
+from devtools.flood import raise_open_file_limit, run_flood
 from tests.conftest import server_env
-from tests.server import Server
+from devtools.process import Server
 
 FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"
 

@@ -19,7 +19,7 @@ from app import REFRESH_PATHS, SWAP_PATHS, create_app
 from config import VARIABLES
 from crypto import TokenSealer
 from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL
-from tests.fake_accounts import CLIENT_ID
+from devtools.fake_accounts import CLIENT_ID
 
 FUZZ = settings(
     max_examples=250,

@@ -17,8 +17,8 @@ from requests_oauthlib import OAuth2Session as OAuthlibSession
 
 from crypto import TokenSealer
 from tests.conftest import BASE_CONFIG, SECRET, server_env
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET
-from tests.server import CLOSE, ROOT, Server, json_answer
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
+from devtools.process import CLOSE, ROOT, Server, json_answer
 
 CALLBACK = BASE_CONFIG["SPOTIFY_CLIENT_CALLBACK_URL"].split(",")[0]
 SEALER = TokenSealer([SECRET], CLIENT_ID)

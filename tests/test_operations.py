@@ -11,10 +11,11 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from crypto import InvalidToken, LegacyCipher, Opened, TokenSealer
+from crypto import InvalidToken, Opened, TokenSealer
 from tests.conftest import legacy_vectors, server_env
-from tests.fake_accounts import CLIENT_ID
-from tests.server import CLOSE, Server, json_answer
+from devtools.legacy import legacy_token
+from devtools.fake_accounts import CLIENT_ID
+from devtools.process import CLOSE, Server, json_answer
 
 SWAP_PATHS = ("/swap", "/api/token")
 REFRESH_PATHS = ("/refresh", "/api/refresh_token")
@@ -154,10 +155,10 @@ def spotify_like_token() -> str:
 
 def fresh_legacy_tokens(secret: str, count: int = 3) -> list[tuple[str, str]]:
     """(token, plaintext) pairs not in the shared file; the first has a '+' for plus-as-space to damage."""
-    cipher, pairs = LegacyCipher(secret), []
+    pairs = []
     while len(pairs) < count:
         plaintext = spotify_like_token()
-        token = cipher.encrypt(plaintext)
+        token = legacy_token(secret, plaintext)
         if pairs or "+" in token:
             pairs.append((token, plaintext))
     return pairs

@@ -13,7 +13,7 @@ import pytest
 from app import create_app
 from crypto import key_id
 from tests.conftest import BASE_CONFIG, SECRET
-from tests.fake_accounts import CLIENT_SECRET
+from devtools.fake_accounts import CLIENT_SECRET
 
 PAGE_CALLBACK = "http://localhost/callback"  # the test client's origin
 HEADERS = {

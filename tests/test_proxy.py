@@ -15,10 +15,10 @@ import time
 import pytest
 import requests
 
-from bench.flood import SLOW_BODY, raise_open_file_limit, run_flood
+from devtools.flood import SLOW_BODY, raise_open_file_limit, run_flood
 from tests.conftest import server_env
-from tests.nginx import Nginx
-from tests.server import Server
+from devtools.nginx import Nginx
+from devtools.process import Server
 
 BUDGET = 5  # RATE_LIMIT_FAILURES per minute, for the budget test
 PER_ADDRESS = 100  # deploy/nginx.conf's limit_conn per_client

@@ -26,8 +26,8 @@ import ratelimit
 from app import create_app
 from crypto import TokenSealer
 from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL, server_env
-from tests.fake_accounts import CLIENT_ID
-from tests.server import Server, free_port
+from devtools.fake_accounts import CLIENT_ID
+from devtools.process import Server, free_port
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
 SUCCESS_ROOM = 10

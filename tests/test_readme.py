@@ -11,8 +11,8 @@ import requests
 from dotenv import dotenv_values
 
 from config import generate_secret
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET
-from tests.server import CLOSE, ROOT, Server, json_answer
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
+from devtools.process import CLOSE, ROOT, Server, json_answer
 
 # Each curl call prints its body on a line of its own and fails the script on an HTTP error.
 CURL = 'curl() { command curl -sS --fail-with-body "$@"; echo; }\n'

@@ -14,7 +14,7 @@ from dotenv import dotenv_values
 
 import run
 from config import MIN_SECRET_LENGTH, load_config
-from tests.server import CLOSE, free_port, json_answer
+from devtools.process import CLOSE, free_port, json_answer
 from tests.test_dotenv import bare_environment, copy_of_the_service, started
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from bench.soak import SoakResult, check_graceful_shutdown, run_soak
+from devtools.soak import SoakResult, check_graceful_shutdown, run_soak
 
 
 @pytest.mark.timeout(180)

@@ -10,9 +10,9 @@ import pytest
 import responses
 
 from app import REFRESH_PATHS, SWAP_PATHS, create_app
-from crypto import LegacyCipher
 from tests.conftest import BASE_CONFIG, TOKEN_URL, legacy_vectors
-from tests.fake_accounts import CLIENT_ID, CLIENT_SECRET
+from devtools.legacy import legacy_token
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 from tests.test_app import (  # noqa: F401  (fixtures)
     CALLBACK,
     CODE,
@@ -210,7 +210,7 @@ def test_refresh_answer_carries_the_token_resealed_under_the_newest_key(make_cli
 
 
 def test_refresh_answer_carries_a_legacy_token_resealed(make_client, spotify):
-    legacy = LegacyCipher("old-service-secret").encrypt(RAW_REFRESH)
+    legacy = legacy_token("old-service-secret", RAW_REFRESH)
     expect(spotify, refresh_form(), json=TOKENS)
     client = make_client(LEGACY_ENCRYPTION_SECRET="old-service-secret")
     body = assert_token_answer(client.post("/refresh", data={"refresh_token": legacy}))

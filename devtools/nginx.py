@@ -18,8 +18,8 @@ from pathlib import Path
 
 import requests
 
-from tests.fake_accounts import make_certificate
-from tests.server import free_port, with_children
+from devtools.fake_accounts import make_certificate
+from devtools.process import free_port, with_children
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "nginx.conf"

@@ -24,7 +24,7 @@ interfere), or for every request by `fault`:
 Settings: `latency` (seconds before every answer), `connect_delay` (extra seconds before the first
 answer on each new connection: a stand-in for TCP and TLS handshakes), `fault`, and TLS with a
 certificate made at start. Control: GET /_stats, GET /_requests (what was received, decoded),
-POST /_reset. Run it alone with `python tests/fake_accounts.py --help`.
+POST /_reset. Run it alone with `python devtools/fake_accounts.py --help`.
 """
 
 from __future__ import annotations
@@ -414,7 +414,7 @@ def _consent_page(query: dict[str, str]) -> bytes:
     )
     return _page(
         "<h1>Stand-in for Spotify</h1>"
-        "<p>This is <code>tests/fake_accounts.py</code>, not Spotify: there is no account and no password.</p>"
+        "<p>This is <code>devtools/fake_accounts.py</code>, not Spotify: there is no account and no password.</p>"
         f"<p><code>{html.escape(query.get('client_id', ''))}</code> asks for "
         f"<code>{html.escape(query.get('scope', '') or '(no scope)')}</code>.</p>"
         f'<form method="get" action="/authorize">{fields}'
@@ -426,7 +426,7 @@ def _consent_page(query: dict[str, str]) -> bytes:
 def describe(url: str) -> str:
     """What a person should know about a stand-in running at url."""
     return (
-        f"Stand-in for Spotify (tests/fake_accounts.py) at {url}: NOT Spotify. No account needed; codes and\n"
+        f"Stand-in for Spotify (devtools/fake_accounts.py) at {url}: NOT Spotify. No account needed; codes and\n"
         f"tokens are fake. Login {url}/authorize (Agree or Cancel), tokens {url}/api/token,\n"
         f"Web API {url}/v1/me, client ID {CLIENT_ID}."
     )
