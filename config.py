@@ -37,6 +37,8 @@ SERVER_VARIABLES: dict[str, str] = {
 }
 
 MIN_SECRET_LENGTH = 16
+# A request body not all arrived this many seconds after its headers is answered 408, and its connection closed.
+BODY_TIMEOUT = 10
 GEN_SECRET_HINT = "generate one with: flask --app app gen-secret"
 
 

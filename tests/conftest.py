@@ -1,68 +1,118 @@
-"""Shared fixtures: a configuration, the app and its test client, and the fake accounts service."""
+"""Shared fixtures: the configuration, the app and its test clients, Spotify faked or stood in, the window guard.
+
+Helpers and constants that tests import live in tests/helpers.py; fixtures are only here.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import pytest
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
 
-from app import create_app
 from config import VARIABLES
-from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
+from devtools.fake_accounts import FakeAccounts
+from tests.helpers import BASE_CONFIG, app_for
 
-SECRET = "unit-test-secret-0123456789abcdef"
-SPOTIFY = "http://127.0.0.1:9"  # never listened on: unit tests fake it with responses
-TOKEN_URL = SPOTIFY + "/api/token"
 
-BASE_CONFIG = {
-    "SPOTIFY_CLIENT_ID": CLIENT_ID,
-    "SPOTIFY_CLIENT_SECRET": CLIENT_SECRET,
-    "SPOTIFY_CLIENT_CALLBACK_URL": "myapp://callback,https://example.com/callback",
-    "ENCRYPTION_SECRET": SECRET,
-    "SPOTIFY_ACCOUNTS_URL": SPOTIFY,
-    "RATE_LIMIT_FAILURES": "off",
-    "RATE_LIMIT_PER_TOKEN": "off",
-}
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark end-to-end tests (`-m e2e`, `-m "not e2e"`): those of modules that start processes or browsers."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and _starts_processes(module):
+            item.add_marker(pytest.mark.e2e)
+
+
+def _starts_processes(module: ModuleType) -> bool:
+    for value in vars(module).values():
+        if value is subprocess or getattr(value, "__module__", "").startswith(("devtools.", "playwright.")):
+            return True
+    return False
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch):
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No variable from the developer's shell leaks into a test."""
     for name in VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _window_room(request: pytest.FixtureRequest) -> None:
+    """A test marked `window(seconds)` starts with at least that many seconds left in the current minute,
+    hour and day.
+
+    limits' sliding windows begin on the minute, hour or day: a test that straddles a window's start
+    sees its earlier counts weigh less than one each, and one more request gets through than it counts
+    on. Waiting for the next window is waiting on the clock itself, which nothing else can signal.
+    """
+    marker = request.node.get_closest_marker("window")
+    if marker is None:
+        return
+    needed = float(marker.args[0]) if marker.args else 30.0
+    for length in (60, 3600, 86400):
+        left = length - time.time() % length
+        if left < needed:
+            time.sleep(left + 0.1)
+
+
 @pytest.fixture
 def config() -> dict[str, str]:
+    """The base configuration as environment variables; a test may change it before `app` is built."""
     return dict(BASE_CONFIG)
 
 
 @pytest.fixture
-def app(config):
-    return create_app({**config, "TESTING": True})
+def make_app(config: dict[str, str]) -> Callable[..., Flask]:
+    """Build the app from `config` with some variables overridden."""
+
+    def make(**overrides: str) -> Flask:
+        return app_for({**config, **overrides})
+
+    return make
 
 
 @pytest.fixture
-def client(app):
+def make_client(make_app: Callable[..., Flask]) -> Callable[..., FlaskClient]:
+    """A test client of the app built from `config` with some variables overridden."""
+
+    def make(**overrides: str) -> FlaskClient:
+        return make_app(**overrides).test_client()
+
+    return make
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
+@pytest.fixture
+def spotify() -> Iterator[responses.RequestsMock]:
+    """Spotify's token endpoint, faked; every registered answer must be asked for."""
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
+        yield mock
+
+
 @pytest.fixture(scope="module")
-def fake_accounts():
+def fake_accounts() -> Iterator[FakeAccounts]:
+    """The stand-in for Spotify as a real HTTP server, one per test module."""
     with FakeAccounts() as fake:
         yield fake
 
 
-def server_env(spotify_url: str, **overrides: str) -> dict[str, str]:
-    """Environment for a real server process pointed at a fake accounts service."""
-    return {**BASE_CONFIG, "SPOTIFY_ACCOUNTS_URL": spotify_url, "SPOTIFY_TIMEOUT": "2", **overrides}
-
-
-def legacy_vectors() -> list[dict[str, str]]:
-    """Tokens made by the legacy Ruby services' own cipher code (the encrypted_strings gem), with secrets and plaintexts.
-
-    A copy of the team's shared/legacy_token_vectors.json, kept in the repo so a clean clone tests it.
-    """
-    path = Path(__file__).parent / "data" / "legacy_token_vectors.json"
-    return json.loads(path.read_text())["vectors"]
+@pytest.fixture
+def fake(fake_accounts: FakeAccounts) -> FakeAccounts:
+    """The module's stand-in for Spotify, with nothing received yet."""
+    fake_accounts.reset()
+    return fake_accounts

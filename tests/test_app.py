@@ -20,135 +20,40 @@ from flask import jsonify, request
 from flask.testing import FlaskClient
 from responses import matchers
 
-from app import REFRESH_PATHS, SWAP_PATHS, create_app
+from api import REFRESH_PATHS, SWAP_PATHS
+from app import create_app
 from crypto import Opened, TokenSealer
-from tests.conftest import SECRET, TOKEN_URL, legacy_vectors
+from tests.helpers import (
+    CALLBACK,
+    CODE,
+    JSON_CT,
+    NEVER_SHOWN,
+    OTHER_CALLBACK,
+    RAW_REFRESH,
+    ROTATED,
+    SECRET,
+    SECRET_A,
+    SECRET_B,
+    TOKENS,
+    TOKEN_URL,
+    VERIFIER,
+    CheckedClient,
+    app_for,
+    assert_error,
+    assert_token_answer,
+    expect,
+    legacy_vectors,
+    post,
+    refresh_form,
+    seal,
+    swap_form,
+    unseal,
+)
 from devtools.legacy import legacy_token
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGACY_VECTORS = legacy_vectors()
-
-CALLBACK = "myapp://callback"  # the first configured callback: the default
-OTHER_CALLBACK = "https://example.com/callback"
-BASIC_AUTH = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-CODE = "AQCauthorizationCode-c0de-9f8e7d6c5b4a"
-RAW_REFRESH = "AQDrawSpotifyRefreshToken-r4w-0123456789"
-ROTATED = "AQDrotatedSpotifyRefreshToken-n3w-987654"
-VERIFIER = "v" * 20 + "-._~" + "0123456789abcdefghijklm"  # 47 characters, RFC 7636 alphabet
-SECRET_A = "rotation-secret-A-0123456789abcdef"
-SECRET_B = "rotation-secret-B-0123456789abcdef"
-
-# Strings that must never appear in an answer (body or headers) or a log line.
-NEVER_SHOWN = (CLIENT_SECRET, SECRET, SECRET_A, SECRET_B, CODE, RAW_REFRESH, ROTATED)
-
-TOKENS = {
-    "access_token": "BQAccessToken-abc",
-    "token_type": "Bearer",
-    "scope": "user-read-private streaming",
-    "expires_in": 3600,
-}
-JSON_CT = "application/json"
-
-
-class CheckedClient(FlaskClient):
-    """A test client that fails the test when an answer shows something it must not."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.never_shown = set(NEVER_SHOWN)
-
-    def open(self, *args, **kwargs):
-        response = super().open(*args, **kwargs)
-        shown = response.get_data(as_text=True) + str(response.headers)
-        for secret in self.never_shown:
-            assert secret not in shown, "an answer showed a secret, code or raw token"
-        return response
-
-
-@pytest.fixture
-def spotify():
-    """Spotify's token endpoint, faked; every registered answer must be asked for."""
-    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
-        yield mock
-
-
-@pytest.fixture
-def make_app(config):
-    def make(**overrides: str):
-        app = create_app({**config, "TESTING": True, **overrides})
-        app.test_client_class = CheckedClient
-        return app
-
-    return make
-
-
-@pytest.fixture
-def make_client(make_app):
-    def make(**overrides: str) -> CheckedClient:
-        return make_app(**overrides).test_client()
-
-    return make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
-
-def seal(raw: str, *secrets: str, client_id: str = CLIENT_ID) -> str:
-    return TokenSealer(list(secrets or [SECRET]), client_id).seal(raw)
-
-
-def unseal(token: str, *secrets: str) -> Opened:
-    return TokenSealer(list(secrets or [SECRET]), CLIENT_ID).open(token)
-
-
-def expect(spotify, form: dict[str, str], **answer):
-    """Register Spotify's answer for exactly this form, sent with the app's Basic credentials."""
-    return spotify.post(
-        TOKEN_URL,
-        match=[
-            matchers.urlencoded_params_matcher(form),
-            matchers.header_matcher(
-                {"Authorization": BASIC_AUTH, "Content-Type": "application/x-www-form-urlencoded"}
-            ),
-        ],
-        **answer,
-    )
-
-
-def swap_form(code: str = CODE, redirect_uri: str = CALLBACK, **extra: str) -> dict[str, str]:
-    return {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, **extra}
-
-
-def refresh_form(raw: str = RAW_REFRESH) -> dict[str, str]:
-    return {"grant_type": "refresh_token", "refresh_token": raw}
-
-
-def post(client, path: str, fields: dict, style: str = "form"):
-    if style == "json":
-        return client.post(path, json=fields)
-    return client.post(path, data=fields)
-
-
-def assert_error(response, status: int, error: str, description: str | None = None) -> dict:
-    assert response.status_code == status
-    assert response.headers["Content-Type"] == JSON_CT
-    body = response.get_json()
-    assert body["error"] == error
-    assert isinstance(body.get("error_description", ""), str)
-    if description is not None:
-        assert body["error_description"] == description
-    return body
-
-
-def assert_token_answer(response) -> dict:
-    assert response.status_code == 200
-    assert response.headers["Content-Type"] == JSON_CT
-    assert response.headers["Cache-Control"] == "no-store"
-    return response.get_json()
-
 
 # Swap
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.conftest import SECRET, server_env
+from tests.helpers import SECRET, server_env
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, free_port, json_answer
 
@@ -136,7 +136,7 @@ def tab(browser) -> Iterator[Watched]:
 def start_login(tab: Watched, service: Server, fake: FakeAccounts) -> None:
     """From the page to the stand-in's consent page."""
     response = tab.page.goto(service.url + "/")
-    assert response.status == 200
+    assert response is not None and response.status == 200
     expect(tab.page.locator("#stand-in")).to_contain_text("Not Spotify")
     tab.page.get_by_role("button", name="Log in with Spotify").click()
     tab.page.wait_for_url(fake.url + "/authorize?**")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import dataclasses
 
 import pytest
 
 from app import create_app
 from config import Config, ConfigError, load_config
-from tests.conftest import BASE_CONFIG
+from tests.helpers import BASE_CONFIG, app_for
 
 REQUIRED = (
     "SPOTIFY_CLIENT_ID",
@@ -21,8 +24,8 @@ MINIMAL = {name: BASE_CONFIG[name] for name in REQUIRED}
 
 def config_error(**environ: str) -> ConfigError:
     """The ConfigError the factory raises for this environment (fails the test if there is none)."""
-    with pytest.raises(ConfigError) as caught:
-        create_app({**environ, "TESTING": True})
+    with mock.patch.dict(os.environ, environ), pytest.raises(ConfigError) as caught:
+        create_app()
     return caught.value
 
 
@@ -142,17 +145,16 @@ def test_factory_reads_the_process_environment(monkeypatch):
     for name, value in MINIMAL.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SPOTIFY_TIMEOUT", "7")
-    app = create_app({"TESTING": True})
+    app = create_app()
     assert app.extensions["tokenswap"].config.timeout == 7.0
 
 
-def test_test_config_overrides_the_environment(monkeypatch):
+def test_a_config_given_to_the_factory_wins_over_the_environment(monkeypatch):
     for name, value in MINIMAL.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SPOTIFY_TIMEOUT", "7")
-    app = create_app({"SPOTIFY_TIMEOUT": "3", "TESTING": True})
+    app = create_app(load_config({**MINIMAL, "SPOTIFY_TIMEOUT": "3"}))
     assert app.extensions["tokenswap"].config.timeout == 3.0
-    assert app.config["TESTING"] is True
 
 
 def test_defaults():
@@ -241,9 +243,9 @@ def test_failure_limit_can_be_disabled(value):
 def test_config_is_immutable():
     config = load_config(MINIMAL)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.timeout = 1.0  # type: ignore[misc]
+        config.timeout = 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.encryption_secrets = ("x" * 32,)  # type: ignore[misc]
+        config.encryption_secrets = ("x" * 32,)
     assert isinstance(config.callback_urls, tuple)
     assert isinstance(config.encryption_secrets, tuple)
     assert isinstance(config, Config)

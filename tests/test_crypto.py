@@ -12,7 +12,7 @@ from Crypto.Protocol.KDF import HKDF
 
 from crypto import InvalidToken, Opened, TokenSealer, key_id
 from devtools.legacy import legacy_token
-from tests.conftest import legacy_vectors
+from tests.helpers import legacy_vectors
 
 SECRET_A = "secret-a-0123456789abcdefghijklmnop"
 SECRET_B = "secret-b-0123456789abcdefghijklmnop"

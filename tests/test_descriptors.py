@@ -30,7 +30,7 @@ from Crypto.Protocol.KDF import HKDF
 
 import crypto
 from config import SERVER_VARIABLES, VARIABLES, generate_secret, load_config
-from tests.conftest import BASE_CONFIG
+from tests.helpers import BASE_CONFIG
 from devtools.process import free_port, web_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +192,7 @@ class _Recording(dict):
         super().__init__(values)
         self.read: set[str] = set()
 
-    def get(self, name, default=None):  # type: ignore[override]
+    def get(self, name, default=None):
         self.read.add(name)
         return super().get(name, default)
 

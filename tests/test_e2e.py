@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from crypto import InvalidToken, TokenSealer
-from tests.conftest import BASE_CONFIG, SECRET, server_env
+from tests.helpers import BASE_CONFIG, SECRET, server_env
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, free_port, json_answer
 
@@ -75,15 +75,16 @@ def unique(prefix: str = "code") -> str:
 
 def send(server: Server, path: str, fields: dict, encoding: str = "form") -> requests.Response:
     """POST fields as a form (what SDKs send) or as a JSON object (what browser code sends)."""
-    body = {"json": fields} if encoding == "json" else {"data": fields}
-    return requests.post(server.url + path, **body, headers=CLOSE, timeout=30)
+    if encoding == "json":
+        return requests.post(server.url + path, json=fields, headers=CLOSE, timeout=30)
+    return requests.post(server.url + path, data=fields, headers=CLOSE, timeout=30)
 
 
 def swap(server: Server, code: str) -> dict:
     return json_answer(send(server, "/swap", {"code": code}), 200)
 
 
-def raw_post(port: int, path: str, body: bytes) -> tuple[int, str, bytes, float]:
+def raw_post(port: int, path: str, body: bytes) -> tuple[int, str | None, bytes, float]:
     """One form POST on a fresh connection: (status, content type, body, monotonic time of the answer)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
@@ -570,7 +571,7 @@ def test_200_concurrent_refreshes_against_a_300_ms_upstream_finish_within_3_s(de
     body = urlencode({"refresh_token": sealed}).encode()
     ready = threading.Barrier(201, timeout=60)
 
-    def refresh() -> tuple[int, str, bytes, float]:
+    def refresh() -> tuple[int, str | None, bytes, float]:
         ready.wait()
         return raw_post(default_server.port, "/refresh", body)
 

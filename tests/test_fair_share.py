@@ -19,7 +19,7 @@ import ratelimit
 from app import create_app
 from crypto import TokenSealer
 from ratelimit import canonical_address
-from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL, server_env
+from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
 from devtools.fake_accounts import CLIENT_ID, FakeAccounts
 from devtools.process import Server
 
@@ -64,7 +64,7 @@ def test_what_is_no_address_has_no_key(spelling):
 
 
 def test_a_forwarded_entry_that_is_no_address_counts_under_the_connection_and_is_logged_once(caplog):
-    app = create_app({**BASE_CONFIG, "TESTING": True, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "2/hour"})
+    app = app_for({**BASE_CONFIG, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "2/hour"})
     client = app.test_client()
     ratelimit._bad_address_logged = 0.0
     for spelling in ["not-an-ip \u00fcn\u00efcode", "also-not", "nope"]:
@@ -79,7 +79,7 @@ def test_a_forwarded_entry_that_is_no_address_counts_under_the_connection_and_is
 
 def test_a_forwarded_entry_is_never_logged_whole(caplog):
     """A client fills its headers as it likes: a code put there must not reach the log."""
-    app = create_app({**BASE_CONFIG, "TESTING": True, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "5/hour"})
+    app = app_for({**BASE_CONFIG, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "5/hour"})
     ratelimit._bad_address_logged = 0.0
     code = "AQ" + uuid.uuid4().hex * 8
     app.test_client().post("/swap", data={}, headers={"X-Forwarded-For": code})
@@ -93,7 +93,7 @@ def test_a_forwarded_entry_is_never_logged_whole(caplog):
 def test_a_token_refreshed_past_its_ceiling_is_429_without_calling_spotify():
     # A day's window (ending at midnight UTC): the test does not straddle a window's end, where the
     # sliding window's rounding would let one more through.
-    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_PER_TOKEN": "3/day"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_PER_TOKEN": "3/day"})
     greedy, other = SEALER.seal("AQ-greedy"), SEALER.seal("AQ-other")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
         spotify.post(TOKEN_URL, json=TOKENS)
@@ -114,7 +114,7 @@ def test_the_ceiling_is_counted_by_a_hash_of_the_token_never_the_token(monkeypat
         return original(self, entries)
 
     monkeypatch.setattr(ratelimit.Limits, "_spend", spend)
-    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_PER_TOKEN": "3/minute"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_PER_TOKEN": "3/minute"})
     with responses.RequestsMock() as spotify:
         spotify.post(TOKEN_URL, json=TOKENS)
         app.test_client().post("/refresh", data={"refresh_token": SEALER.seal("AQ-raw-secret-token")})

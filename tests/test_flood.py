@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import pytest
 
-from app import BODY_TIMEOUT
+from config import BODY_TIMEOUT
 from devtools.flood import raise_open_file_limit, run_flood
-from tests.conftest import server_env
+from tests.helpers import server_env
 from devtools.process import Server
 
 FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"

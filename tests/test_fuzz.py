@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
-from app import REFRESH_PATHS, SWAP_PATHS, create_app
+from api import REFRESH_PATHS, SWAP_PATHS
 from config import VARIABLES
 from crypto import TokenSealer
-from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL
+from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for
 from devtools.fake_accounts import CLIENT_ID
 
 FUZZ = settings(
@@ -50,7 +50,7 @@ SWAP_FIELDS = ("code", "redirect_uri", "code_verifier")
 def client():
     """The service with its failure limit off, so that thousands of junk requests are all judged alike."""
     # Built before the per-test environment cleanup runs: blank every variable the shell might set.
-    return create_app({**dict.fromkeys(VARIABLES, ""), **BASE_CONFIG}).test_client()
+    return app_for(BASE_CONFIG).test_client()
 
 
 @contextmanager
@@ -62,19 +62,23 @@ def spotify() -> Iterator[responses.RequestsMock]:
 
 
 def sent_forms(mock: responses.RequestsMock) -> list[dict[str, list[str]]]:
-    return [parse_qs(call.request.body, keep_blank_values=True) for call in mock.calls]
+    return [parse_qs(_text(call.request.body), keep_blank_values=True) for call in mock.calls]
 
 
-def assert_answer_shape(response, method: str) -> dict | None:
+def _text(body: bytes | str | None) -> str:
+    return body.decode() if isinstance(body, bytes) else body or ""
+
+
+def assert_answer_shape(response, method: str) -> dict:
     """Never a 5xx; JSON with exactly that media type unless the answer has no body by its nature."""
     assert response.status_code < 500, response.get_data()
     if method == "HEAD":
         assert response.get_data() == b""
         assert response.headers["Content-Type"] == "application/json"
-        return None
+        return {}
     if method == "OPTIONS" and response.status_code == 204:
         assert response.get_data() == b"" and "Content-Type" not in response.headers
-        return None
+        return {}
     assert response.headers["Content-Type"] == "application/json", response.headers
     body = json.loads(response.get_data())
     assert isinstance(body, dict)
@@ -220,7 +224,7 @@ class OtherClient(Refusal):
     error = "invalid_client"
 
 
-def single(fields: MultiDict | dict, name: str) -> object | None:
+def single(fields: MultiDict | dict, name: str) -> str | None:
     """The one value of a field as the service reads it: None when missing or empty."""
     if isinstance(fields, MultiDict):
         values = fields.getlist(name)

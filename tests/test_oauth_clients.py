@@ -16,7 +16,7 @@ from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
 from requests_oauthlib import OAuth2Session as OAuthlibSession
 
 from crypto import TokenSealer
-from tests.conftest import BASE_CONFIG, SECRET, server_env
+from tests.helpers import BASE_CONFIG, SECRET, server_env
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 from devtools.process import CLOSE, ROOT, Server, json_answer
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from crypto import InvalidToken, Opened, TokenSealer
-from tests.conftest import legacy_vectors, server_env
+from tests.helpers import legacy_vectors, server_env
 from devtools.legacy import legacy_token
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import CLOSE, Server, json_answer
@@ -155,7 +155,7 @@ def spotify_like_token() -> str:
 
 def fresh_legacy_tokens(secret: str, count: int = 3) -> list[tuple[str, str]]:
     """(token, plaintext) pairs not in the shared file; the first has a '+' for plus-as-space to damage."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     while len(pairs) < count:
         plaintext = spotify_like_token()
         token = legacy_token(secret, plaintext)

@@ -12,7 +12,7 @@ import pytest
 
 from app import create_app
 from crypto import key_id
-from tests.conftest import BASE_CONFIG, SECRET
+from tests.helpers import BASE_CONFIG, SECRET, app_for
 from devtools.fake_accounts import CLIENT_SECRET
 
 PAGE_CALLBACK = "http://localhost/callback"  # the test client's origin
@@ -23,7 +23,7 @@ HEADERS = {
 
 
 def page_client(**config: str):
-    return create_app({**BASE_CONFIG, "TESTING": True, **config}).test_client()
+    return app_for({**BASE_CONFIG, **config}).test_client()
 
 
 def csp(response) -> dict[str, str]:

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from devtools.flood import SLOW_BODY, raise_open_file_limit, run_flood
-from tests.conftest import server_env
+from tests.helpers import server_env
 from devtools.nginx import Nginx
 from devtools.process import Server
 

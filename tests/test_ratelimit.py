@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 import ratelimit
 from app import create_app
 from crypto import TokenSealer
-from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL, server_env
+from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import Server, free_port
 
@@ -53,7 +53,7 @@ def _whole_window() -> None:
 
 
 def limited_client(**settings: str) -> FlaskClient:
-    return create_app({**BASE_CONFIG, "TESTING": True, **settings}).test_client()
+    return app_for({**BASE_CONFIG, **settings}).test_client()
 
 
 def spotify_ok(mock: responses.RequestsMock) -> None:
@@ -275,7 +275,7 @@ def test_a_concurrent_burst_of_junk_cannot_overshoot_the_budget(earlier_failures
     Each call in flight counts against the budget until its answer is known, so at most the failures
     left reach Spotify, whether or not the address had failed before.
     """
-    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "5/hour"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"})
     burst = 20
     with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
         spotify.add_callback(responses.POST, TOKEN_URL, callback=slow_answer(400, '{"error": "invalid_grant"}'))
@@ -288,7 +288,7 @@ def test_a_concurrent_burst_of_junk_cannot_overshoot_the_budget(earlier_failures
 
 def test_real_users_from_an_address_near_its_budget_wait_their_turn_rather_than_fail():
     """8 of 10 failures spent: 2 calls reach Spotify first, more as they succeed; none is refused."""
-    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "10/hour"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "10/hour"})
     for _ in range(8):
         assert fail_once(app.test_client(), "invalid_request").status_code == 400
     burst = 8
@@ -302,7 +302,7 @@ def test_real_users_from_an_address_near_its_budget_wait_their_turn_rather_than_
 def test_an_address_whose_calls_succeed_is_not_held_back():
     """Thousands of users behind one carrier NAT: their successes make room for more calls at once,
     up to SUCCESS_ROOM more than the failures left; past that they take turns, and none is refused."""
-    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "5/hour"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"})
     burst = 5 + SUCCESS_ROOM + 5
     tokens = slow_answer(200, json.dumps(TOKENS), 0.5)  # long enough for the threads to overlap
     with responses.RequestsMock() as spotify:
@@ -317,7 +317,7 @@ def test_an_address_whose_calls_succeed_is_not_held_back():
 
 def test_a_burst_of_junk_after_many_successes_overshoots_the_budget_by_at_most_success_room():
     """Banked successes buy room for real users, not a way past the budget for junk."""
-    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "5/hour"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"})
     with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
         spotify.add(responses.POST, TOKEN_URL, json=TOKENS)
         for n in range(100):
@@ -342,7 +342,7 @@ def test_reads_are_never_counted_nor_refused():
 
 
 def test_a_request_that_cannot_get_a_turn_within_spotify_timeout_is_503():
-    app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "2/hour", "SPOTIFY_TIMEOUT": "0.3"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "2/hour", "SPOTIFY_TIMEOUT": "0.3"})
     assert fail_once(app.test_client(), "invalid_request").status_code == 400
     in_flight, done = threading.Event(), threading.Event()
 

@@ -13,7 +13,7 @@ import pytest
 
 import app
 from config import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES, connections_per_worker
-from tests.conftest import server_env
+from tests.helpers import server_env
 from devtools.process import Server, free_port
 
 WARNING = re.compile(r"\[WARNING\] RATE_LIMIT_STORAGE_URI is memory://.*")

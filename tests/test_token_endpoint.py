@@ -9,11 +9,10 @@ import logging
 import pytest
 import responses
 
-from app import REFRESH_PATHS, SWAP_PATHS, create_app
-from tests.conftest import BASE_CONFIG, TOKEN_URL, legacy_vectors
-from devtools.legacy import legacy_token
-from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
-from tests.test_app import (  # noqa: F401  (fixtures)
+from api import REFRESH_PATHS, SWAP_PATHS
+from app import create_app
+from tests.helpers import (
+    BASE_CONFIG,
     CALLBACK,
     CODE,
     NEVER_SHOWN,
@@ -23,19 +22,19 @@ from tests.test_app import (  # noqa: F401  (fixtures)
     SECRET_A,
     SECRET_B,
     TOKENS,
+    TOKEN_URL,
     assert_error,
     assert_token_answer,
-    client,
     expect,
-    make_app,
-    make_client,
+    legacy_vectors,
     post,
     refresh_form,
     seal,
-    spotify,
     swap_form,
     unseal,
 )
+from devtools.legacy import legacy_token
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 
 ALL_PATHS = SWAP_PATHS + REFRESH_PATHS
 LIBRARY_EXTRAS = {"client_id": CLIENT_ID, "client_secret": "", "scope": "user-read-private", "state": "xyz"}
@@ -254,7 +253,7 @@ def test_spotify_refusing_the_services_credentials_is_a_5xx_and_logged_for_the_o
 
 
 def test_the_misconfiguration_is_logged_again_after_a_minute(make_client, spotify, caplog, monkeypatch):
-    import app as app_module
+    import errors as app_module
 
     now = [1000.0]
     monkeypatch.setattr(app_module.time, "monotonic", lambda: now[0])
@@ -291,7 +290,7 @@ def cli(monkeypatch):
     def run(**variables: str):
         for name, value in BASE_CONFIG.items():
             monkeypatch.setenv(name, value)
-        app = create_app({"TESTING": True})
+        app = create_app()
         for name, value in variables.items():  # what the command reads, when it runs
             monkeypatch.setenv(name, value)
         return app.test_cli_runner().invoke(args=["check"])

@@ -1,0 +1,236 @@
+"""The token endpoint (swap and refresh, RFC 6749 sections 4.1.3 and 6) and GET /health, as the `api` blueprint."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import gevent
+import gevent.monkey
+from flask import Blueprint, Response, current_app, request
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+import ratelimit
+import spotify
+from config import BODY_TIMEOUT
+from crypto import InvalidToken, Opened
+from errors import OAuthError, json_response
+from service import Service, service
+
+MAX_BODY_BYTES = 64 * 1024
+# Each path has the grant it serves when a request names none (RFC 6749 section 4.1.3 or 6). The
+# /v1/ paths are those of Spotify's own "Token Swap and Refresh" guide.
+SWAP_PATHS = ("/swap", "/api/token", "/v1/swap")
+REFRESH_PATHS = ("/refresh", "/api/refresh_token", "/v1/refresh")
+SWAP, REFRESH = "authorization_code", "refresh_token"
+
+# Codes and tokens are opaque but printable; anything else cannot be one, so Spotify is not asked.
+_OPAQUE = re.compile(r"[\x21-\x7e]{1,4096}")
+# RFC 7636 section 4.1.
+_CODE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
+
+bp = Blueprint("api", __name__)
+
+
+@bp.get("/health")
+def health() -> Response:
+    """Up and serving: what load balancers and platforms poll."""
+    return json_response({"status": "ok"})
+
+
+def swap() -> Response:
+    """A token request at a swap path: an authorization code unless `grant_type` says otherwise."""
+    return _token_endpoint(SWAP)
+
+
+def refresh() -> Response:
+    """A token request at a refresh path: a refresh unless `grant_type` says otherwise."""
+    return _token_endpoint(REFRESH)
+
+
+for _path in SWAP_PATHS:
+    bp.add_url_rule(_path, "swap", swap, methods=["POST"])
+for _path in REFRESH_PATHS:
+    bp.add_url_rule(_path, "refresh", refresh, methods=["POST"])
+
+
+def _token_endpoint(path_grant: str) -> Response:
+    """Swap or refresh, as `grant_type` says, or as the path serves when it says nothing."""
+    svc = service()
+    data = _body()
+    grant = _field(data, "grant_type", required=False)
+    if grant not in (None, SWAP, REFRESH):
+        raise OAuthError(400, "unsupported_grant_type", "grant_type must be authorization_code or refresh_token")
+    # OAuth libraries add client_id (and client_secret, scope, state, an Authorization header):
+    # accepted, never forwarded. A client_id of another app is a setup mistake.
+    client_id = _field(data, "client_id", required=False)
+    if client_id is not None and client_id != svc.config.client_id:
+        raise OAuthError(
+            400, "invalid_client", "This token service serves another Spotify app: 'client_id' is not its client ID"
+        )
+    if (grant or path_grant) == SWAP:
+        tokens = _swap(svc, data)
+    else:
+        tokens = _refresh(svc, data, code_is_token=grant is None)
+    return json_response(tokens)
+
+
+# -- reading a request ---------------------------------------------------------------------------
+
+
+class _BodyTimedOut(Exception):
+    """The body did not all arrive within BODY_TIMEOUT.
+
+    An Exception, not a BaseException like gevent.Timeout: raised inside gunicorn's body reader, it
+    marks the body as failed, and gunicorn then closes the connection instead of reading on.
+    """
+
+
+def _body_deadline() -> gevent.Timeout | None:
+    """A started timer that interrupts reading the body after BODY_TIMEOUT seconds, or None.
+
+    Only under gevent's patched sockets (the Procfile's workers): elsewhere (flask run, unit
+    tests) nothing bounds the time a body takes but that server's own socket timeouts.
+    """
+    if not gevent.monkey.is_module_patched("socket"):
+        return None
+    return gevent.Timeout.start_new(BODY_TIMEOUT, _BodyTimedOut)
+
+
+def _read_body() -> bytes:
+    """The whole body, or a client error: too large, shorter than announced, unreadable, too slow."""
+    deadline = _body_deadline()
+    try:
+        data = request.get_data()
+        # Without a Content-Length (chunked), reading stops at the limit: is there more?
+        if request.content_length is None and len(data) >= MAX_BODY_BYTES and request.stream.read(1):
+            raise RequestEntityTooLarge()
+    except HTTPException:
+        raise
+    except _BodyTimedOut:
+        raise OAuthError(
+            408, "invalid_request", f"The body did not arrive within {BODY_TIMEOUT:g} seconds of its headers"
+        ) from None
+    except Exception:  # the server's reader refused the body, e.g. a malformed chunk
+        raise OAuthError(400, "invalid_request", "The body could not be read") from None
+    finally:
+        if deadline is not None:
+            deadline.close()
+    if request.content_length is not None and len(data) < request.content_length:
+        # The client went away mid-body: what arrived may be cut anywhere, even inside the code.
+        raise OAuthError(400, "invalid_request", "The body is shorter than its Content-Length")
+    return data
+
+
+def _body() -> Mapping[str, Any]:
+    # Read whole first: form parsing would silently stop at the limit or at a broken chunk. The
+    # form and JSON parsers then read the data kept by get_data().
+    body = _read_body()
+    if request.mimetype == "application/x-www-form-urlencoded":
+        # What every SDK sends: the standard library's parser, one layer instead of werkzeug's
+        # form-parser set-up per request (multipart and the rest go through request.form).
+        try:
+            return MultiDict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError:  # not UTF-8: no fields, as werkzeug would have it
+            return MultiDict()
+    if request.is_json:
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:  # nested deeper than the parser goes: unparseable, like any bad JSON
+            data = None
+        if not isinstance(data, dict):
+            raise OAuthError(400, "invalid_request", "The body is not a JSON object")
+        return data
+    return request.form
+
+
+def _field(data: Mapping[str, Any], name: str, *, required: bool = True) -> str | None:
+    if isinstance(data, MultiDict):
+        values = data.getlist(name)
+        if len(values) > 1:
+            raise OAuthError(400, "invalid_request", f"'{name}' was given more than once")
+        value = values[0] if values else None
+    else:
+        value = data.get(name)
+    if value is None or value == "":
+        if required:
+            raise OAuthError(400, "invalid_request", f"Missing '{name}'")
+        return None
+    if not isinstance(value, str):
+        raise OAuthError(400, "invalid_request", f"'{name}' must be a string")
+    return value
+
+
+def _opaque(data: Mapping[str, Any], name: str) -> str:
+    value = _field(data, name)
+    if value is None or not _OPAQUE.fullmatch(value):  # None only in theory: the field is required
+        raise OAuthError(400, "invalid_request", f"'{name}' is malformed")
+    return value
+
+
+# -- the grants ----------------------------------------------------------------------------------
+
+
+def _swap(svc: Service, data: Mapping[str, Any]) -> dict[str, Any]:
+    code = _opaque(data, "code")
+    callbacks = svc.config.callback_urls
+    redirect_uri = _field(data, "redirect_uri", required=False) or callbacks[0]
+    if redirect_uri not in callbacks:
+        raise OAuthError(400, "invalid_request", "'redirect_uri' is not one this service allows")
+    verifier = _field(data, "code_verifier", required=False)
+    if verifier is not None and not _CODE_VERIFIER.fullmatch(verifier):
+        raise OAuthError(400, "invalid_request", "'code_verifier' must be 43-128 characters (RFC 7636)")
+    ratelimit.admit()
+    try:
+        tokens = svc.spotify.exchange_code(code, redirect_uri, verifier)
+    except spotify.Denied as err:
+        if err.answer.get("error") == "invalid_grant" and "redirect uri" in err.description.lower():
+            current_app.logger.warning(
+                "Spotify refused the redirect URI %s, which SPOTIFY_CLIENT_CALLBACK_URL allows: it "
+                "must be registered in the app's settings in the Spotify developer dashboard",
+                ascii(redirect_uri),
+            )
+        raise
+    return _sealed(svc, tokens)
+
+
+def _refresh(svc: Service, data: Mapping[str, Any], *, code_is_token: bool) -> dict[str, Any]:
+    token = _field(data, "refresh_token", required=False)
+    if token is None and code_is_token:
+        # SpotifyAPI-NET's own guide refreshes with TokenSwapTokenRequest: the sealed token
+        # comes as `code`. Only a code that opens is read so.
+        code = _field(data, "code", required=False)
+        if code is not None and _open(svc, code) is not None:
+            token = code
+    if token is None:
+        raise OAuthError(400, "invalid_request", "Missing 'refresh_token'")
+    opened = _open(svc, token)
+    if opened is None:
+        raise OAuthError(400, "invalid_grant", "Invalid refresh token")
+    ratelimit.admit(opened.refresh_token)
+    tokens = svc.spotify.refresh(opened.refresh_token)
+    # A refresh answer carries a refresh token, so a client that stores what it receives never
+    # loses it: Spotify's new one, or the one sent (moved to the newest key if need be).
+    kept = svc.sealer.seal(opened.refresh_token) if opened.needs_reseal else token
+    return _sealed(svc, tokens, otherwise=kept)
+
+
+def _open(svc: Service, token: str) -> Opened | None:
+    try:
+        return svc.sealer.open(token)
+    except InvalidToken:
+        return None
+
+
+def _sealed(svc: Service, tokens: dict[str, Any], otherwise: str | None = None) -> dict[str, Any]:
+    """Spotify's answer with its refresh token sealed (the raw one never reaches the client), or
+    with `otherwise` when it has none."""
+    raw = tokens.pop("refresh_token", None)
+    if isinstance(raw, str) and raw:
+        tokens["refresh_token"] = svc.sealer.seal(raw)
+    elif otherwise is not None:
+        tokens["refresh_token"] = otherwise
+    return tokens

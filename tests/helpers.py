@@ -1,0 +1,157 @@
+"""What many tests share: the base configuration, an app built from variables, a real server's environment, test vectors.
+
+Fixtures live in conftest.py; the stand-in for Spotify and the server-process runner in devtools/.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from flask import Flask
+from flask.testing import FlaskClient
+from responses import matchers
+
+from app import create_app
+from config import load_config
+from crypto import Opened, TokenSealer
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
+
+SECRET = "unit-test-secret-0123456789abcdef"
+SPOTIFY = "http://127.0.0.1:9"  # never listened on: unit tests fake it with responses
+TOKEN_URL = SPOTIFY + "/api/token"
+
+BASE_CONFIG = {
+    "SPOTIFY_CLIENT_ID": CLIENT_ID,
+    "SPOTIFY_CLIENT_SECRET": CLIENT_SECRET,
+    "SPOTIFY_CLIENT_CALLBACK_URL": "myapp://callback,https://example.com/callback",
+    "ENCRYPTION_SECRET": SECRET,
+    "SPOTIFY_ACCOUNTS_URL": SPOTIFY,
+    "RATE_LIMIT_FAILURES": "off",
+    "RATE_LIMIT_PER_TOKEN": "off",
+}
+
+
+def app_for(variables: Mapping[str, str]) -> Flask:
+    """The app, in testing mode, for a configuration given as environment variables; its test clients
+    fail the test when an answer shows a secret, a code or a raw token."""
+    app = create_app(load_config(variables))
+    app.testing = True
+    app.test_client_class = CheckedClient
+    return app
+
+
+def server_env(spotify_url: str, **overrides: str) -> dict[str, str]:
+    """Environment for a real server process pointed at a fake accounts service."""
+    return {**BASE_CONFIG, "SPOTIFY_ACCOUNTS_URL": spotify_url, "SPOTIFY_TIMEOUT": "2", **overrides}
+
+
+def unique(prefix: str = "code") -> str:
+    """A code or token no other test uses: the fake accounts service is shared by a module's tests."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def legacy_vectors() -> list[dict[str, str]]:
+    """Tokens made by the legacy Ruby services' own cipher code (the encrypted_strings gem), with secrets and plaintexts.
+
+    A copy of the team's shared/legacy_token_vectors.json, kept in the repo so a clean clone tests it.
+    """
+    path = Path(__file__).parent / "data" / "legacy_token_vectors.json"
+    vectors: list[dict[str, str]] = json.loads(path.read_text())["vectors"]
+    return vectors
+
+
+# -- the unit tests' vocabulary: Spotify's side faked with responses ------------------------------
+
+CALLBACK = "myapp://callback"  # the first configured callback: the default
+OTHER_CALLBACK = "https://example.com/callback"
+BASIC_AUTH = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+CODE = "AQCauthorizationCode-c0de-9f8e7d6c5b4a"
+RAW_REFRESH = "AQDrawSpotifyRefreshToken-r4w-0123456789"
+ROTATED = "AQDrotatedSpotifyRefreshToken-n3w-987654"
+VERIFIER = "v" * 20 + "-._~" + "0123456789abcdefghijklm"  # 47 characters, RFC 7636 alphabet
+SECRET_A = "rotation-secret-A-0123456789abcdef"
+SECRET_B = "rotation-secret-B-0123456789abcdef"
+
+# Strings that must never appear in an answer (body or headers) or a log line.
+NEVER_SHOWN = (CLIENT_SECRET, SECRET, SECRET_A, SECRET_B, CODE, RAW_REFRESH, ROTATED)
+
+TOKENS = {
+    "access_token": "BQAccessToken-abc",
+    "token_type": "Bearer",
+    "scope": "user-read-private streaming",
+    "expires_in": 3600,
+}
+JSON_CT = "application/json"
+
+
+class CheckedClient(FlaskClient):
+    """A test client that fails the test when an answer shows something it must not."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.never_shown = set(NEVER_SHOWN)
+
+    def open(self, *args, **kwargs):
+        response = super().open(*args, **kwargs)
+        shown = response.get_data(as_text=True) + str(response.headers)
+        for secret in self.never_shown:
+            assert secret not in shown, "an answer showed a secret, code or raw token"
+        return response
+
+
+def seal(raw: str, *secrets: str, client_id: str = CLIENT_ID) -> str:
+    return TokenSealer(list(secrets or [SECRET]), client_id).seal(raw)
+
+
+def unseal(token: str, *secrets: str) -> Opened:
+    return TokenSealer(list(secrets or [SECRET]), CLIENT_ID).open(token)
+
+
+def expect(spotify, form: dict[str, str], **answer):
+    """Register Spotify's answer for exactly this form, sent with the app's Basic credentials."""
+    return spotify.post(
+        TOKEN_URL,
+        match=[
+            matchers.urlencoded_params_matcher(form),
+            matchers.header_matcher(
+                {"Authorization": BASIC_AUTH, "Content-Type": "application/x-www-form-urlencoded"}
+            ),
+        ],
+        **answer,
+    )
+
+
+def swap_form(code: str = CODE, redirect_uri: str = CALLBACK, **extra: str) -> dict[str, str]:
+    return {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, **extra}
+
+
+def refresh_form(raw: str = RAW_REFRESH) -> dict[str, str]:
+    return {"grant_type": "refresh_token", "refresh_token": raw}
+
+
+def post(client, path: str, fields: dict, style: str = "form"):
+    if style == "json":
+        return client.post(path, json=fields)
+    return client.post(path, data=fields)
+
+
+def assert_error(response, status: int, error: str, description: str | None = None) -> dict:
+    assert response.status_code == status
+    assert response.headers["Content-Type"] == JSON_CT
+    body = response.get_json()
+    assert body["error"] == error
+    assert isinstance(body.get("error_description", ""), str)
+    if description is not None:
+        assert body["error_description"] == description
+    return body
+
+
+def assert_token_answer(response) -> dict:
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == JSON_CT
+    assert response.headers["Cache-Control"] == "no-store"
+    return response.get_json()
