@@ -20,6 +20,7 @@ run: $(VENV)/.run-installed
 	$(VENV)/bin/python run.py --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.test-installed tests/node/node_modules/.installed test-tools
+	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m pytest
 
 test-tools:

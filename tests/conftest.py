@@ -5,10 +5,8 @@ Helpers and constants that tests import live in tests/helpers.py; fixtures are o
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from types import ModuleType
 
 import pytest
 import responses
@@ -19,20 +17,6 @@ from config import VARIABLES
 from devtools.fake_accounts import FakeAccounts
 from tests.helpers import BASE_CONFIG, app_for
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark end-to-end tests (`-m e2e`, `-m "not e2e"`): those of modules that start processes or browsers."""
-    for item in items:
-        module = getattr(item, "module", None)
-        if module is not None and _starts_processes(module):
-            item.add_marker(pytest.mark.e2e)
-
-
-def _starts_processes(module: ModuleType) -> bool:
-    for value in vars(module).values():
-        if value is subprocess or getattr(value, "__module__", "").startswith(("devtools.", "playwright.")):
-            return True
-    return False
 
 
 @pytest.fixture(autouse=True)

@@ -736,6 +736,7 @@ def _flask(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_gen_secret_works_without_configuration():
     result = _flask("gen-secret")
     assert result.returncode == 0, result.stderr
@@ -744,6 +745,7 @@ def test_gen_secret_works_without_configuration():
     assert len(secret) >= 32
 
 
+@pytest.mark.e2e
 def test_other_commands_stop_on_missing_configuration_with_a_message():
     result = _flask("routes")
     assert result.returncode != 0

@@ -20,6 +20,8 @@ from tests.helpers import SECRET, server_env
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, free_port, json_answer
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 ROOT = Path(__file__).resolve().parent.parent
 # The machine has no internet, and a test talks to 127.0.0.1 only: nothing in the background.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

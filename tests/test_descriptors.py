@@ -359,9 +359,24 @@ def test_dockerfile_installs_only_the_runtime_requirements_without_a_cache():
 def test_dockerfile_copies_every_module_the_service_imports_and_nothing_else():
     copied = set(docker_copied_files())
     needed = local_imports(ROOT / "app.py") | local_imports(ROOT / "gunicorn.conf.py")
-    assert needed == {"app.py", "check.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
+    # Every module at the top of the tree but the development launcher is the service's.
+    assert needed == {path.name for path in ROOT.glob("*.py")} - {"run.py"}
     # The landing page's files are read by Flask from these folders, not imported.
     assert copied == needed | {"requirements.txt", "templates", "static"}
+
+
+def test_no_module_of_the_service_imports_tests_devtools_or_benchmarks():
+    # run.py, `make run`'s launcher, is the one module at the top allowed to start the stand-in.
+    for module in set(ROOT.glob("*.py")) - {ROOT / "run.py"}:
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            assert not [n for n in names if n.split(".")[0] in ("tests", "devtools", "bench")], module.name
+
+
+def test_tests_do_not_import_benchmarks():
+    for module in (ROOT / "tests").glob("*.py"):
+        assert not re.search(r"^\s*(from|import) bench\b", module.read_text(), re.M), module.name
 
 
 def test_dockerfile_defaults_port_to_8080_and_bakes_in_no_setting():
@@ -397,6 +412,7 @@ def test_dockerignore_keeps_secrets_and_tests_out_and_the_service_in():
         assert not ignored(path), f"{path} is copied but .dockerignore leaves it out of the context"
 
 
+@pytest.mark.e2e
 def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
     """The files the Dockerfile copies, alone in a directory, run its CMD; its HEALTHCHECK sees /health."""
     for name in docker_copied_files():

@@ -20,6 +20,8 @@ from config import generate_secret
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, free_port, json_answer, web_command
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 ROOT = Path(__file__).resolve().parent.parent
 # What the three commands need, copied into a directory of its own with its own .env: every module of
 # the service (whatever modules it grows), its files, and the development stand-in for Spotify.

@@ -24,6 +24,8 @@ from tests.helpers import BASE_CONFIG, SECRET, server_env
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, free_port, json_answer
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 SWAP_PATHS = ("/swap", "/api/token")
 REFRESH_PATHS = ("/refresh", "/api/refresh_token")
 DEFAULT_CALLBACK, OTHER_CALLBACK = BASE_CONFIG["SPOTIFY_CLIENT_CALLBACK_URL"].split(",")

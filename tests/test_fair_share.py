@@ -143,6 +143,7 @@ def post_from(server: Server, source: str, path: str, fields: dict, headers: dic
         connection.close()
 
 
+@pytest.mark.e2e
 def test_one_client_hammering_its_own_token_leaves_spotify_to_the_others(fake_accounts):
     """SPOTIFY_MAX_RATE=10/second: four threads refresh one token for 3 s from 127.0.0.1 while
     another client swaps from 127.0.0.2 at 4 a second; every one of its swaps succeeds."""
@@ -182,6 +183,7 @@ SPELLINGS_V6 = ["2001:DB8::1", "2001:db8:0::1", "2001:0db8:0000:0000:0000:0000:0
 SPELLINGS_V4 = ["::ffff:203.0.113.9", "203.0.113.9:5555", "[::ffff:203.0.113.9]:1"]
 
 
+@pytest.mark.e2e
 def test_every_spelling_of_an_address_spends_one_budget(fake_accounts):
     env = server_env(fake_accounts.url, TRUSTED_PROXIES="1", RATE_LIMIT_FAILURES="5/hour", WEB_CONCURRENCY="1")
     with Server(env) as server:
@@ -196,6 +198,7 @@ def test_every_spelling_of_an_address_spends_one_budget(fake_accounts):
         assert post_from(server, "127.0.0.1", "/swap", {}, {"X-Forwarded-For": "203.0.113.10"})[0] == 400
 
 
+@pytest.mark.e2e
 def test_a_burst_of_junk_after_many_successes_stays_within_the_budget_plus_success_room():
     """300 successes banked, then 100 junk swaps at once: at most 5 + SUCCESS_ROOM reach Spotify."""
     with FakeAccounts(latency=0.3) as fake:

@@ -12,6 +12,8 @@ import requests
 
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 REDIRECT = "http://127.0.0.1:1234/callback"
 VERIFIER = "v" * 43
 

@@ -19,6 +19,8 @@ from devtools.flood import raise_open_file_limit, run_flood
 from tests.helpers import server_env
 from devtools.process import Server
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"
 
 

@@ -20,6 +20,8 @@ from tests.helpers import BASE_CONFIG, SECRET, server_env
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 from devtools.process import CLOSE, ROOT, Server, json_answer
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 CALLBACK = BASE_CONFIG["SPOTIFY_CLIENT_CALLBACK_URL"].split(",")[0]
 SEALER = TokenSealer([SECRET], CLIENT_ID)
 

@@ -17,6 +17,8 @@ from devtools.legacy import legacy_token
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import CLOSE, Server, json_answer
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 SWAP_PATHS = ("/swap", "/api/token")
 REFRESH_PATHS = ("/refresh", "/api/refresh_token")
 FORM = "application/x-www-form-urlencoded"

@@ -20,6 +20,8 @@ from tests.helpers import server_env
 from devtools.nginx import Nginx
 from devtools.process import Server
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 BUDGET = 5  # RATE_LIMIT_FAILURES per minute, for the budget test
 PER_ADDRESS = 100  # deploy/nginx.conf's limit_conn per_client
 

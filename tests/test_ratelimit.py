@@ -471,6 +471,7 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
+@pytest.mark.e2e
 def test_two_instances_sharing_redis_share_one_budget(redis_url):
     settings = {"RATE_LIMIT_FAILURES": "4/hour", "SPOTIFY_MAX_RATE": "3/hour", "RATE_LIMIT_STORAGE_URI": redis_url}
     first, second = limited_client(**settings), limited_client(**settings)
@@ -537,6 +538,7 @@ def two_workers(storage_uri: str, limit: int) -> Server:
     return Server(env, extra_args=f"--workers 2 {PID_LOG}")
 
 
+@pytest.mark.e2e
 def test_two_gunicorn_workers_share_one_budget_in_redis(redis_url):
     limit = 10
     with two_workers(redis_url, limit) as server:
@@ -549,6 +551,7 @@ def test_two_gunicorn_workers_share_one_budget_in_redis(redis_url):
     assert set(log["a"]) == {first} and set(log["b"]) == {second} and set(log["c"]) == {first}
 
 
+@pytest.mark.e2e
 def test_with_memory_storage_each_worker_has_its_own_budget():
     """Why RATE_LIMIT_STORAGE_URI exists: memory:// counts per worker, so N workers allow N times the limit."""
     limit = 5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 import subprocess
@@ -13,6 +15,8 @@ from dotenv import dotenv_values
 from config import generate_secret
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 from devtools.process import CLOSE, ROOT, Server, json_answer
+
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
 # Each curl call prints its body on a line of its own and fails the script on an HTTP error.
 CURL = 'curl() { command curl -sS --fail-with-body "$@"; echo; }\n'

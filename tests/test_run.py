@@ -3,6 +3,8 @@ and what the console says."""
 
 from __future__ import annotations
 
+import pytest
+
 import re
 import stat
 import sys
@@ -16,6 +18,8 @@ import run
 from config import MIN_SECRET_LENGTH, load_config
 from devtools.process import CLOSE, free_port, json_answer
 from tests.test_dotenv import bare_environment, copy_of_the_service, started
+
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / ".env.example"

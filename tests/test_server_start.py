@@ -16,6 +16,8 @@ from config import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES, connections_per
 from tests.helpers import server_env
 from devtools.process import Server, free_port
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 WARNING = re.compile(r"\[WARNING\] RATE_LIMIT_STORAGE_URI is memory://.*")
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from devtools.soak import SoakResult, check_graceful_shutdown, run_soak
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 
 @pytest.mark.timeout(180)
 def test_soak_keeps_the_contract_and_stays_flat():
