@@ -33,7 +33,8 @@ def _origin(url: str) -> str:
 
 def _page() -> str:
     config = _config()
-    # As the browser sees it: ProxyFix has applied X-Forwarded-Proto/-Host when TRUSTED_PROXIES is set.
+    # As the browser sees it: the Host header (proxies pass it on as they got it) and, when TRUSTED_PROXIES is
+    # set, the scheme from X-Forwarded-Proto (ProxyFix). X-Forwarded-Host is never trusted: nothing sets x_host.
     base = request.url_root.rstrip("/")
     callback = base + "/callback"
     # Spotify takes http redirect URIs on loopback addresses only, and not "localhost".

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import app
 from config import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES, connections_per_worker
-from tests.helpers import server_env
+from tests.helpers import BASE_CONFIG, app_for, server_env
 from devtools.process import Server, free_port
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
@@ -37,7 +36,9 @@ def test_connections_per_worker_are_half_the_open_files_left_at_most_the_cap(mon
 
 
 def test_the_upstream_pool_is_as_large_as_a_workers_connections():
-    assert app.UPSTREAM_POOL_SIZE == connections_per_worker()
+    client = app_for(BASE_CONFIG).extensions["tokenswap"].spotify
+    adapter = client._session.get_adapter(client.token_url)
+    assert adapter.poolmanager.connection_pool_kw["maxsize"] == connections_per_worker()
 
 
 @contextlib.contextmanager
