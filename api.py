@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 import gevent
 import gevent.monkey
@@ -23,9 +23,17 @@ from service import Service, service
 MAX_BODY_BYTES = 64 * 1024
 # Each path has the grant it serves when a request names none (RFC 6749 section 4.1.3 or 6). The
 # /v1/ paths are those of Spotify's own "Token Swap and Refresh" guide.
-SWAP_PATHS = ("/swap", "/api/token", "/v1/swap")
-REFRESH_PATHS = ("/refresh", "/api/refresh_token", "/v1/refresh")
-SWAP, REFRESH = "authorization_code", "refresh_token"
+# Peter Schorn's SpotifyAPIServer paths (and their -pkce twins), so that apps moving from it keep their URLs.
+SWAP_PATHS = (
+    "/swap", "/api/token", "/v1/swap",
+    "/authorization-code-flow/retrieve-tokens", "/authorization-code-flow-pkce/retrieve-tokens",
+)
+REFRESH_PATHS = (
+    "/refresh", "/api/refresh_token", "/v1/refresh",
+    "/authorization-code-flow/refresh-tokens", "/authorization-code-flow-pkce/refresh-tokens",
+)
+APP_TOKEN_PATHS = ("/client-credentials-tokens",)
+SWAP, REFRESH, APP_TOKEN = "authorization_code", "refresh_token", "client_credentials"
 
 # Codes and tokens are opaque but printable; anything else cannot be one, so Spotify is not asked.
 _OPAQUE = re.compile(r"[\x21-\x7e]{1,4096}")
@@ -51,10 +59,17 @@ def refresh() -> Response:
     return _token_endpoint(REFRESH)
 
 
+def app_token() -> Response:
+    """A token request at an app-only path: client credentials unless `grant_type` says otherwise."""
+    return _token_endpoint(APP_TOKEN)
+
+
 for _path in SWAP_PATHS:
     bp.add_url_rule(_path, "swap", swap, methods=["POST"])
 for _path in REFRESH_PATHS:
     bp.add_url_rule(_path, "refresh", refresh, methods=["POST"])
+for _path in APP_TOKEN_PATHS:
+    bp.add_url_rule(_path, "app_token", app_token, methods=["POST"])
 
 
 def _token_endpoint(path_grant: str) -> Response:
@@ -62,20 +77,38 @@ def _token_endpoint(path_grant: str) -> Response:
     svc = service()
     data = _body()
     grant = _field(data, "grant_type", required=False)
-    if grant not in (None, SWAP, REFRESH):
-        raise OAuthError(400, "unsupported_grant_type", "grant_type must be authorization_code or refresh_token")
-    # OAuth libraries add client_id (and client_secret, scope, state, an Authorization header):
-    # accepted, never forwarded. A client_id of another app is a setup mistake.
+    grants = (SWAP, REFRESH, APP_TOKEN) if svc.config.client_credentials else (SWAP, REFRESH)
+    if grant not in (None, *grants) or (grant is None and path_grant not in grants):
+        off = "; app-only tokens are off here (CLIENT_CREDENTIALS=on enables them)" if APP_TOKEN not in grants else ""
+        raise OAuthError(400, "unsupported_grant_type", f"grant_type must be {', '.join(grants)}{off}")
+    _check_client_id(svc, data)
+    if (grant or path_grant) == SWAP:
+        tokens = _swap(svc, data)
+    elif (grant or path_grant) == REFRESH:
+        tokens = _refresh(svc, data, code_is_token=grant is None)
+    else:
+        tokens = _app_token(svc)
+    return json_response(tokens)
+
+
+def _check_client_id(svc: Service, data: Mapping[str, Any]) -> None:
+    """OAuth libraries add a client id (in the body, or as the user name of Basic credentials, RFC 6749
+    section 2.3.1) and often a client secret: accepted, never forwarded. Another app's id is a setup
+    mistake, said as RFC 6749 section 5.2 says; the password part is ignored (libraries send `None`,
+    `undefined` or nothing there)."""
     client_id = _field(data, "client_id", required=False)
     if client_id is not None and client_id != svc.config.client_id:
         raise OAuthError(
             400, "invalid_client", "This token service serves another Spotify app: 'client_id' is not its client ID"
         )
-    if (grant or path_grant) == SWAP:
-        tokens = _swap(svc, data)
-    else:
-        tokens = _refresh(svc, data, code_is_token=grant is None)
-    return json_response(tokens)
+    credentials = request.authorization
+    if credentials is not None and credentials.type == "basic" and credentials.username:
+        if unquote_plus(credentials.username) != svc.config.client_id:
+            raise OAuthError(
+                401, "invalid_client",
+                "This token service serves another Spotify app: the client ID in the Authorization header is not its",
+                headers={"WWW-Authenticate": 'Basic realm="token swap"'},
+            )
 
 
 # -- reading a request ---------------------------------------------------------------------------
@@ -216,6 +249,16 @@ def _refresh(svc: Service, data: Mapping[str, Any], *, code_is_token: bool) -> d
     # loses it: Spotify's new one, or the one sent (moved to the newest key if need be).
     kept = svc.sealer.seal(opened.refresh_token) if opened.needs_reseal else token
     return _sealed(svc, tokens, otherwise=kept)
+
+
+def _app_token(svc: Service) -> dict[str, Any]:
+    """An app-only token: the one this process holds while it is fresh, else a new one from Spotify."""
+
+    def fetch() -> dict[str, Any]:
+        ratelimit.admit()
+        return svc.spotify.client_credentials()
+
+    return svc.app_tokens.get(fetch)
 
 
 def _open(svc: Service, token: str) -> Opened | None:

@@ -28,6 +28,7 @@ VARIABLES: dict[str, str] = {
     "RATE_LIMIT_PER_TOKEN": "Refreshes allowed per refresh token, e.g. 5/minute; 0 or off disables (default 5/minute)",
     "SPOTIFY_MAX_RATE": "Ceiling on calls forwarded to Spotify by this deployment, e.g. 50/second (default: none)",
     "RATE_LIMIT_STORAGE_URI": "Where rate-limit counts live: memory:// or redis://host:port (default memory://)",
+    "CLIENT_CREDENTIALS": "App-only tokens (grant_type=client_credentials) for anyone who asks: on or off (default off)",
 }
 
 # Read by gunicorn.conf.py, not by the application.
@@ -70,6 +71,7 @@ class Config:
     rate_limit_per_token: str | None = "5/minute"
     spotify_max_rate: str | None = None
     rate_limit_storage_uri: str = "memory://"
+    client_credentials: bool = False
 
 
 def generate_secret() -> str:
@@ -197,6 +199,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// (got a value with another scheme)"
         )
 
+    client_credentials = Config.client_credentials
+    if get("CLIENT_CREDENTIALS"):
+        switch = get("CLIENT_CREDENTIALS").lower()
+        if switch not in ("on", "off"):
+            problems.append(f"CLIENT_CREDENTIALS={get('CLIENT_CREDENTIALS')!r} must be on or off (default off)")
+        client_credentials = switch == "on"
+
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -214,6 +223,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         rate_limit_per_token=rate_limit_per_token,
         spotify_max_rate=spotify_max_rate,
         rate_limit_storage_uri=storage_uri,
+        client_credentials=client_credentials,
     )
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
 from flask import Flask, current_app
 
 import spotify
@@ -24,6 +29,44 @@ class Service:
             # waiting on Spotify has a pooled connection of its own.
             pool_size=connections_per_worker(),
         )
+        self.app_tokens = AppTokens()
+
+
+class AppTokens:
+    """The app-only token (client credentials grant) this process hands out, fetched once and kept until
+    shortly before it expires: every app asking gets the same token, and Spotify is asked once per process
+    per token, however many ask at once."""
+
+    # A token with less than this many seconds left is fetched anew: a client then has time to use it.
+    RENEW_BEFORE = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()  # gevent's, under the Procfile's workers: waiting requests yield
+        self._token: dict[str, Any] | None = None
+        self._expires_at = 0.0
+        self._failed: tuple[Exception, float] | None = None  # the last fetch's error, and when
+
+    def get(self, fetch: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The token with `expires_in` the whole seconds it has left; `fetch` asks Spotify when there is none.
+
+        Requests that waited while a fetch failed get that fetch's error rather than each asking again.
+        """
+        asked_at = self._clock()
+        with self._lock:
+            if self._token is None or self._expires_at - self._clock() <= self.RENEW_BEFORE:
+                if self._failed is not None and self._failed[1] >= asked_at:
+                    raise self._failed[0]
+                try:
+                    token = fetch()
+                except Exception as err:
+                    self._failed = (err, self._clock())
+                    raise
+                lifetime = token.get("expires_in")
+                self._token = {k: v for k, v in token.items() if k != "refresh_token"}
+                self._expires_at = self._clock() + (lifetime if isinstance(lifetime, int) else 3600)
+            left = int(self._expires_at - self._clock())
+            return {**self._token, "expires_in": max(0, left)}
 
 
 def init_app(app: Flask, config: Config) -> None:
