@@ -420,7 +420,7 @@ def print_table(results: list[Result]) -> None:
             print(f"  {r.scenario:<9} errors: {r.error_detail}")
         if r.worker_restarts:
             print(f"  {r.scenario:<9} {r.worker_restarts} worker(s) restarted during the run")
-        if r.upstream_alone_p50_ms is not None:
+        if r.upstream_alone_p50_ms is not None and r.upstream_alone_p99_ms is not None:
             print(f"  {r.scenario:<9} upstream alone (same load, no server): p50 {r.upstream_alone_p50_ms:.1f} ms, "
                   f"p99 {r.upstream_alone_p99_ms:.1f} ms; the server adds {r.p50_ms - r.upstream_alone_p50_ms:.1f} ms "
                   f"at p50, {r.p99_ms - r.upstream_alone_p99_ms:.1f} ms at p99")
@@ -453,7 +453,7 @@ def main() -> int:
         "workers": args.workers or "Procfile default", "gunicorn_args": args.gunicorn_args,
         "env": dict(args.env),
     }
-    info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "settings": settings}
+    info: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "settings": settings}
     print(f"{info['machine']['nproc']} x {info['machine']['cpu']}, Python {info['machine']['python']}, "
           f"load average {info['machine']['loadavg_at_start'][0]:.2f}; {args.duration:g} s per scenario\n")
     results = []

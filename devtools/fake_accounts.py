@@ -96,7 +96,7 @@ class FakeAccounts:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(self.cert_file, key)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server = None
+        self._server: asyncio.Server | None = None
         self._open: set[_Connection] = set()
         self._thread: threading.Thread | None = None
 
@@ -113,10 +113,10 @@ class FakeAccounts:
     # -- running -------------------------------------------------------------------------------
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(
+        self._server = server = await self._loop.create_server(
             lambda: _Connection(self), self.host, self.port, ssl=self._ssl, backlog=4096,
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = server.sockets[0].getsockname()[1]
 
     def start(self) -> "FakeAccounts":
         ready = threading.Event()
@@ -136,19 +136,20 @@ class FakeAccounts:
         return self
 
     def stop(self) -> None:
-        if self._loop is None or self._loop.is_closed():
+        loop, server = self._loop, self._server
+        if loop is None or server is None or loop.is_closed():
             return
 
         async def shutdown() -> None:
             # Close what the server under test still holds open (keep-alive, a fault-timeout in
             # progress) so no transport is left to the garbage collector's ResourceWarning.
-            self._server.close()
+            server.close()
             for connection in list(self._open):
                 connection.close()
             await asyncio.sleep(0)
-            self._loop.stop()
+            loop.stop()
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
+        asyncio.run_coroutine_threadsafe(shutdown(), loop)
         if self._thread:
             self._thread.join(5)
 
@@ -205,13 +206,14 @@ class FakeAccounts:
             if refused is not None:
                 return refused
 
-        tokens = {"access_token": f"access-{self.served}", "token_type": "Bearer", "expires_in": 3600,
-                  "scope": "user-read-private"}
+        access_token = f"access-{self.served}"
+        tokens: dict[str, str | int] = {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600,
+                                        "scope": "user-read-private"}
         if grant == "authorization_code":
             tokens["refresh_token"] = f"AQ-refresh-for-{subject}"
         elif subject.startswith("rotate-"):
             tokens["refresh_token"] = "rotated-" + subject[len("rotate-"):]
-        self._access_tokens.append(tokens["access_token"])
+        self._access_tokens.append(access_token)
         return 200, {}, json.dumps(tokens).encode()
 
     # -- the browser side: login and Web API -----------------------------------------------------
@@ -311,10 +313,12 @@ class _Connection(asyncio.Protocol):
         self.fake = fake
         self.buffer = b""
         self.first = True
-        self.transport = None
-        self.queue: asyncio.Queue | None = None
+        # Both set by connection_made, which asyncio calls before anything else.
+        self.transport: asyncio.Transport
+        self.queue: asyncio.Queue[tuple[str, str, dict[str, str], bytes]]
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.fake.connections += 1
         self.fake._open.add(self)

@@ -165,7 +165,7 @@ class Flood:
             sock.bind((next(self.sources), 0))
             code = sock.connect_ex(("127.0.0.1", self.port))
         except OSError as err:
-            code = err.errno
+            code = err.errno if err.errno is not None else -1
         if code not in (0, errno.EINPROGRESS):
             sock.close()
             self.failed_connects += 1

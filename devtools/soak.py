@@ -220,9 +220,11 @@ def level(samples: list[Sample], pid: int) -> tuple[int, int] | None:
     connection being opened or one transient allocation at the moment of a sample is not growth."""
     rss = [s.rss_kb[pid] for s in samples]
     fds = [s.fds[pid] for s in samples]
-    if not samples or None in rss or None in fds:
+    known_rss = [kb for kb in rss if kb is not None]
+    known_fds = [count for count in fds if count is not None]
+    if not samples or len(known_rss) < len(rss) or len(known_fds) < len(fds):
         return None
-    return int(statistics.median(rss)), int(statistics.median(fds))
+    return int(statistics.median(known_rss)), int(statistics.median(known_fds))
 
 
 @dataclass
