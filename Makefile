@@ -3,7 +3,10 @@
 #               until .env has your app's credentials; `make run HOST=0.0.0.0` listens on every interface
 #   make test   the whole test suite, installing what it needs first (system tools with apt-get)
 # Command-line values (make run PORT=8000) win; the environment's HOST and PORT do not.
+# Both need Python 3.11 or newer (MIN_PYTHON): `make run PYTHON=python3.12` names the interpreter.
 PYTHON = python3
+# The oldest Python the service runs on (pyproject.toml's requires-python says the same).
+MIN_PYTHON = 3.11
 VENV = .venv
 HOST = 127.0.0.1
 PORT = 1234
@@ -14,12 +17,12 @@ TEST_TOOLS = chromium redis-server openssl npm curl nginx
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET = $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq
 
-.PHONY: run test test-tools
+.PHONY: run test test-tools python
 
-run: $(VENV)/.run-installed
+run: python $(VENV)/.run-installed
 	$(VENV)/bin/python run.py --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.test-installed tests/node/node_modules/.installed test-tools
+test: python $(VENV)/.test-installed tests/node/node_modules/.installed test-tools
 	$(VENV)/bin/python -m pytest
 
 test-tools:
@@ -27,6 +30,26 @@ test-tools:
 	if [ -n "$$missing" ]; then \
 	  echo "Installing$$missing with apt-get"; \
 	  $(APT_GET) update && $(APT_GET) install -y $$missing >/dev/null; \
+	fi
+
+# The interpreter before anything else: an old one gets a message saying what to install and how to pass it
+# (rather than pip's "No matching distribution found"), and a .venv made by another Python, or whose Python is
+# gone, is made again (removing a .venv that is a symlink removes the link only).
+python:
+	@want=$$(echo $(MIN_PYTHON) | tr . ,); \
+	version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || version=; \
+	if [ -z "$$version" ] || ! $(PYTHON) -c "import sys; sys.exit(sys.version_info[:2] < ($$want))" 2>/dev/null; then \
+	  echo "Python $(MIN_PYTHON) or newer is needed; PYTHON=$(PYTHON) is $${version:+Python }$${version:-not found}." >&2; \
+	  echo "Install one (python.org, brew install python@3.12, apt-get install python3.11, pyenv install 3.12)" >&2; \
+	  echo "and name it: make $(or $(firstword $(MAKECMDGOALS)),run) PYTHON=python3.11" >&2; \
+	  exit 1; \
+	fi; \
+	if [ -e $(VENV) ] || [ -L $(VENV) ]; then \
+	  made=$$($(VENV)/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || made=; \
+	  if [ "$$made" != "$$version" ]; then \
+	    echo "Making $(VENV) again: it was made by $${made:+Python }$${made:-a Python that is gone}, PYTHON=$(PYTHON) is Python $$version."; \
+	    rm -rf $(VENV); \
+	  fi; \
 	fi
 
 $(VENV)/bin/python:
