@@ -4,7 +4,6 @@ the Procfile's gunicorn and the tests' stand-in for Spotify. Also the docs' `fet
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import requests
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests.conftest import SECRET, server_env
+from tests.tools import require
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, free_port, json_answer
 
@@ -37,9 +37,7 @@ REPORT_CSP = """document.addEventListener("securitypolicyviolation", (e) =>
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed: `make test` installs it (Debian: apt-get install chromium)")
+    chromium = require("chromium")
     expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)

@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the service needs, as the Makefile says it.
-MIN_PYTHON = tuple(int(part) for part in re.search(
-    r"^MIN_PYTHON = (\d+\.\d+)$", (ROOT / "Makefile").read_text(), re.M).group(1).split("."))
+MIN_PYTHON = tuple(int(part) for part in re.findall(
+    r"^MIN_PYTHON = (\d+\.\d+)$", (ROOT / "Makefile").read_text(), re.M)[0].split("."))
 # Where an older interpreter may be found on a developer's machine (pyenv's, or one on PATH).
 PYENV_VERSIONS = Path.home() / ".pyenv" / "versions"
 

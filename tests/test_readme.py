@@ -13,6 +13,9 @@ from dotenv import dotenv_values
 from config import generate_secret
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 from devtools.process import CLOSE, ROOT, Server, json_answer
+from tests.tools import needs
+
+pytestmark = needs("curl", "bash")
 
 # Each curl call prints its body on a line of its own and fails the script on an HTTP error.
 CURL = 'curl() { command curl -sS --fail-with-body "$@"; echo; }\n'
