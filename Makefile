@@ -22,11 +22,11 @@ APT_GET = $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Time
 run: python $(VENV)/.run-installed
 	$(VENV)/bin/python run.py --host $(HOST) --port $(PORT)
 
-# tests/tools.py as a pytest plugin: where CI is set (.ci/run), a skipped test is a failure.
-test: export PYTEST_PLUGINS = tests.tools
 test: python $(VENV)/.test-installed test-tools
 	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory tests/node/node_modules/.installed; fi
 	$(VENV)/bin/python -m pytest
+# tests/tools.py as a pytest plugin: where CI is set (.ci/run), a skipped test is a failure.
+test: export PYTEST_PLUGINS = tests.tools
 
 # Installs the missing tools with apt-get. Without apt-get (macOS, Fedora, ...), it says which are missing and goes
 # on: the tests that need them are skipped, each with its reason (tests/tools.py), and the rest run.
