@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from app import create_app
 from crypto import key_id
 from tests.conftest import BASE_CONFIG, SECRET
 from devtools.fake_accounts import CLIENT_SECRET
+from dotenv import dotenv_values
 
 PAGE_CALLBACK = "http://localhost/callback"  # the test client's origin
 HEADERS = {
@@ -162,3 +164,21 @@ def test_page_gets_are_neither_counted_nor_refused_by_the_failure_limit():
     # A spent address still sees the page (reads never reach Spotify); the API stays refused.
     assert client.get("/").status_code == 200
     assert client.post("/refresh", data={}).status_code == 429
+
+
+# The redirect URIs of Spotify's iOS apps (spotify/ios-sdk DemoProjects/SPTLoginSampleAppSwift, ViewController.swift
+# and README.md; developer.spotify.com's iOS quick start).
+SWIFT_DEMO = "spotify-login-sdk-test-app-swift://spotify-login-callback"
+QUICK_START = "spotify-ios-quick-start://spotify-login-callback"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_ios_sdk_demo_works_unchanged_its_redirect_uri_first():
+    """The SDK sends no redirect_uri: the demo whose swap URL is http://localhost:1234/swap needs its URI first."""
+    example = dotenv_values(ROOT / ".env.example")["SPOTIFY_CLIENT_CALLBACK_URL"] or ""
+    assert example.split(",")[0] == SWIFT_DEMO
+    html = page_client(SPOTIFY_CLIENT_CALLBACK_URL=example).get("/").get_data(as_text=True)
+    first = re.search(r'<ul id="redirect-uris">\s*<li><code>([^<]+)</code> \(the default', html)
+    assert first and first.group(1) == SWIFT_DEMO
+    for text in (ROOT / "README.md").read_text(), (ROOT / "docs" / "clients.md").read_text(), html:
+        assert SWIFT_DEMO in text and QUICK_START in text and "http://localhost:1234/swap" in text
