@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import needs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TESTS = '''
@@ -64,8 +66,8 @@ def test_without_a_tool_its_tests_are_skipped_with_the_reason_and_the_others_run
     assert done.stdout.count("needs curl, not installed: `make test` installs it with apt-get") == 2
 
 
+@needs("curl")
 def test_with_the_tool_nothing_is_skipped(tmp_path):
-    assert shutil.which("curl"), "this machine has curl (make test installs it)"
     done = pytest_run(tmp_path, os.environ["PATH"])
     assert done.returncode == 0 and "3 passed" in done.stdout, done.stdout + done.stderr
 
