@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request
+from markupsafe import Markup, escape
 
 from config import Config
 
@@ -14,6 +16,8 @@ DASHBOARD_URL = "https://developer.spotify.com/dashboard"
 SCOPE = "user-read-private"
 
 bp = Blueprint("page", __name__)
+# Where a URL or URI may wrap on a narrow screen: after "//", each "/", "?", "&" and ",".
+_BREAK_AFTER = re.compile(r"(//|[/?&,])")
 
 
 def init_app(app: Flask) -> None:
@@ -55,6 +59,13 @@ def _page() -> str:
         dashboard_url=DASHBOARD_URL,
         scope=SCOPE,
     )
+
+
+@bp.app_template_filter("breakable")
+def _breakable(url: str) -> Markup:
+    """The URL, escaped, with <wbr> where it may wrap: at 390 px it breaks there rather than mid-word."""
+    return Markup("").join(escape(part) + (Markup("<wbr>") if _BREAK_AFTER.fullmatch(part) else "")
+                           for part in _BREAK_AFTER.split(url) if part)
 
 
 def _favicon() -> Response:

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 CLIENT_ID = "test-client-id"
@@ -234,10 +235,10 @@ class FakeAccounts:
             self.authorizations.append(query)
         # Like Spotify: an unknown client or redirect URI gets an error page, never a redirect.
         if query.get("client_id") != CLIENT_ID:
-            return 400, _HTML, _page("INVALID_CLIENT: Invalid client")
+            return 400, _PAGE, _page("<h1>INVALID_CLIENT: Invalid client</h1>")
         redirect_uri = query.get("redirect_uri", "")
         if not redirect_uri or (self.redirect_uris is not None and redirect_uri not in self.redirect_uris):
-            return 400, _HTML, _page("INVALID_CLIENT: Invalid redirect URI")
+            return 400, _PAGE, _page("<h1>INVALID_CLIENT: Invalid redirect URI</h1>")
 
         def back(**fields: str):
             if "state" in query:
@@ -252,7 +253,7 @@ class FakeAccounts:
             return back(error="invalid_request", error_description="code_challenge_method must be S256")
         decision = query.get("decision")
         if decision is None:
-            return 200, _HTML, _consent_page(query)
+            return 200, _PAGE, _consent_page(query)
         if decision != "accept":
             return back(error="access_denied")
         code = "AQ-code-" + secrets.token_urlsafe(24)
@@ -401,13 +402,26 @@ class _Connection(asyncio.Protocol):
 
 _HTML = {"Content-Type": "text/html; charset=utf-8"}
 _CORS = {"Access-Control-Allow-Origin": "*"}
+# The stand-in's pages wear the service's page style, dark mode included: the same file, inlined (this is another
+# origin), allowed by its hash and nothing else. No form-action: the consent form's answer redirects to the app.
+_STYLE = (Path(__file__).resolve().parent.parent / "static" / "page.css").read_text()
+_PAGE = {
+    **_HTML,
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'sha256-"
+        + base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
+        + "'; img-src data:; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def _page(body: str) -> bytes:
     # No favicon request: it would be a 404 in the browser's console.
     return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">'
-        f"<title>Stand-in for Spotify</title></head><body>{body}</body></html>"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
+        f"<title>Stand-in for Spotify</title><style>{_STYLE}</style></head><body><main>{body}</main></body></html>"
     ).encode()
 
 
@@ -418,12 +432,13 @@ def _consent_page(query: dict[str, str]) -> bytes:
     )
     return _page(
         "<h1>Stand-in for Spotify</h1>"
-        "<p>This is <code>devtools/fake_accounts.py</code>, not Spotify: there is no account and no password.</p>"
+        '<p class="notice">This is <code>devtools/fake_accounts.py</code>, not Spotify: there is no account and no '
+        "password.</p>"
         f"<p><code>{html.escape(query.get('client_id', ''))}</code> asks for "
         f"<code>{html.escape(query.get('scope', '') or '(no scope)')}</code>.</p>"
         f'<form method="get" action="/authorize">{fields}'
-        '<button name="decision" value="accept">Agree</button> '
-        '<button name="decision" value="deny">Cancel</button></form>'
+        '<p><button name="decision" value="accept">Agree</button> '
+        '<button name="decision" value="deny" class="secondary">Cancel</button></p></form>'
     )
 
 

@@ -30,6 +30,16 @@
     element.hidden = false;
   }
 
+  // What a login, a cancel or a refresh came to: scrolled into view (after a login, the page loads at its top,
+  // far above it), said by screen readers through the live region, and with the focus moved there when asked,
+  // so that the keyboard goes on from the result.
+  function reveal(id, message, { focus = true } = {}) {
+    const element = $(id);
+    element.scrollIntoView({ block: "nearest" });
+    if (focus) element.focus({ preventScroll: true });
+    $("announce").textContent = message;
+  }
+
   function hint(error, description) {
     const redirect = settings.redirectUri;
     if (error === "access_denied") {
@@ -79,6 +89,7 @@
     $("error-description").textContent = description || "(no description)";
     $("error-hint").textContent = hint(error, description || "");
     $("error").hidden = false;
+    reveal("error", `${error}: ${$("error-description").textContent}`);
   }
 
   class Failure extends Error {
@@ -169,18 +180,23 @@
     $("result").hidden = false;
     $("progress").hidden = true;
     $("user").textContent = "Logged in as " + await displayName(tokens.access_token);
+    reveal("result", $("user").textContent);
   }
 
   async function refresh() {
+    const button = $("refresh-button");
     $("error").hidden = true;
-    $("refresh-button").disabled = true;
+    button.disabled = true; // a disabled button loses the focus: it gets it back below
     try {
       const answer = await post("/refresh", { refresh_token: tokens.refresh_token });
       tokens = { ...answer, refresh_token: answer.refresh_token || tokens.refresh_token };
       $("expires").textContent = expiry(answer.expires_in);
       $("refreshed").textContent = `Refreshed at ${new Date().toLocaleTimeString()}: a new access token.`;
+      // The focus stays on the button, for the next refresh.
+      reveal("refreshed", $("refreshed").textContent, { focus: false });
     } finally {
-      $("refresh-button").disabled = false;
+      button.disabled = false;
+      if (document.activeElement === document.body) button.focus({ preventScroll: true });
     }
   }
 

@@ -17,6 +17,9 @@ from config import VARIABLES
 from devtools.fake_accounts import FakeAccounts
 from tests.helpers import BASE_CONFIG, app_for
 
+# Where CI is set, a skipped test fails (tests/tools.py): every tool is installed there.
+pytest_plugins = ["tests.tools"]
+
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,12 @@ the Procfile's gunicorn and the tests' stand-in for Spotify. Also the docs' `fet
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,6 +17,7 @@ import requests
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests.helpers import SECRET, server_env
+from tests.tools import require
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, free_port, json_answer
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The machine has no internet, and a test talks to 127.0.0.1 only: nothing in the background.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"]
-IOS_CALLBACK = "spotify-ios-quick-start://spotify-login-callback"
+IOS_CALLBACK = "spotify-login-sdk-test-app-swift://spotify-login-callback"  # the iOS SDK demo's
 SNIPPET_CALLBACK = "https://app.example.com/callback"  # the redirect URI the docs' fetch snippet sends
 TIMEOUT_MS = 20_000  # two shared cores: generous, and only reached when something is wrong
 # Any CSP violation, also when the browser would not log one, becomes a console error.
@@ -39,9 +40,7 @@ REPORT_CSP = """document.addEventListener("securitypolicyviolation", (e) =>
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed: `make test` installs it (Debian: apt-get install chromium)")
+    chromium = require("chromium")
     expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
@@ -110,8 +109,8 @@ def service(fake, snippet_sites) -> Iterator[Server]:
 class Watched:
     """A fresh browser tab whose console errors and warnings, page errors and CSP violations are kept."""
 
-    def __init__(self, browser: Browser):
-        self.context = browser.new_context()
+    def __init__(self, browser: Browser, **context_options: Any):
+        self.context = browser.new_context(**context_options)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.context.add_init_script(script=REPORT_CSP)
         self.page: Page = self.context.new_page()
@@ -343,3 +342,129 @@ def test_fetch_snippet_from_another_origin_is_refused_by_the_browser(tab, snippe
     assert outcome == {"ok": False, "name": "TypeError", "message": "Failed to fetch"}
     assert any("has been blocked by CORS policy" in m for m in tab.messages), tab.messages
     assert tab.problems("blocked by CORS policy", "Failed to load resource: net::ERR_FAILED") == []
+
+
+# -- on a phone and on a desktop: the result in view, nothing wider than the screen, dark mode -------------------
+
+SIZES: dict[str, dict[str, Any]] = {
+    "desktop": {"viewport": {"width": 1280, "height": 800}},
+    "phone": {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 3, "is_mobile": True,
+              "has_touch": True},
+}
+# Where a URL or URI may wrap: after a "/", ",", "?", "&" (the page's <wbr>), or a "-" (the browser's own).
+BREAKS = set("/,?&-")
+# Each element that sticks out past the right edge of the window, and where a URL or URI (outside code blocks) wraps.
+LAYOUT = """() => {
+  const width = document.documentElement.clientWidth;
+  const wider = [...document.querySelectorAll("body *")]
+    .filter((element) => element.getBoundingClientRect().right > width + 0.5)
+    .map((element) => `${element.tagName.toLowerCase()}#${element.id}: ${element.textContent.slice(0, 40)}`);
+  const wraps = [...document.querySelectorAll(":not(pre) > code")].filter((code) => code.textContent.includes("://"))
+    .map((code) => {
+      const after = [];
+      let top = null;
+      let previous = "";
+      const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
+      for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+        for (let i = 0; i < node.length; i++) {
+          const range = document.createRange();
+          range.setStart(node, i);
+          range.setEnd(node, i + 1);
+          const rect = range.getBoundingClientRect();
+          if (top !== null && rect.top > top + 1) after.push(previous);
+          top = rect.top;
+          previous = node.data[i];
+        }
+      }
+      return { text: code.textContent, after };
+    });
+  return { scrollWidth: document.documentElement.scrollWidth, width, wider, wraps };
+}"""
+
+
+@pytest.fixture(params=SIZES)
+def sized(request, browser) -> Iterator[Watched]:
+    watched = Watched(browser, **SIZES[request.param])
+    yield watched
+    watched.context.close()
+
+
+def fits(tab: Watched) -> list[tuple[str, list[str]]]:
+    """Asserts that nothing is wider than the window; each URL shown, with the character before each of its wraps."""
+    layout = tab.page.evaluate(LAYOUT)
+    assert layout["wider"] == [] and layout["scrollWidth"] <= layout["width"], layout
+    return [(wrap["text"], wrap["after"]) for wrap in layout["wraps"]]
+
+
+def test_after_agree_the_result_is_in_view_focused_and_announced_then_the_refresh(sized, service, fake):
+    start_login(sized, service, fake)
+    assert fits(sized) is not None  # the consent page too
+    sized.page.get_by_role("button", name="Agree").click()
+    expect(sized.page.locator("#user")).to_have_text("Logged in as Test Listener")
+    expect(sized.page.locator("#result")).to_be_in_viewport()
+    expect(sized.page.locator("#result")).to_be_focused()
+    expect(sized.page.locator("#announce")).to_have_text("Logged in as Test Listener")
+    assert fits(sized) is not None
+
+    refresh = sized.page.get_by_role("button", name="Refresh")
+    refresh.click()
+    expect(sized.page.locator("#refreshed")).to_contain_text("Refreshed at")
+    expect(sized.page.locator("#refreshed")).to_be_in_viewport()
+    expect(refresh).to_be_focused()  # ready for the next one
+    expect(sized.page.locator("#announce")).to_contain_text("Refreshed at")
+    assert sized.problems() == []
+
+
+def test_after_cancel_the_error_is_in_view_focused_and_announced(sized, service, fake):
+    start_login(sized, service, fake)
+    sized.page.get_by_role("button", name="Cancel").click()
+    expect(sized.page.locator("#error-code")).to_have_text("access_denied")
+    expect(sized.page.locator("#error")).to_be_in_viewport()
+    expect(sized.page.locator("#error")).to_be_focused()
+    expect(sized.page.locator("#announce")).to_contain_text("access_denied")
+    assert sized.problems() == []
+
+
+def test_on_a_phone_urls_wrap_after_slashes_and_commas_and_code_wraps(browser, service, plain_service):
+    phone = Watched(browser, **SIZES["phone"])
+    try:
+        for url in (service.url + "/", plain_service.url + "/callback"):
+            phone.page.goto(url)
+            urls = fits(phone)
+            assert all(set(after) <= BREAKS for _, after in urls), urls
+            # The iOS demo's redirect URI is wider than a phone: it wraps, once, after its "//".
+            demo = [after for text, after in urls if text == IOS_CALLBACK]
+            assert demo and all(after == ["/"] for after in demo), urls
+            # Code blocks wrap: none scrolls sideways.
+            for pre in phone.page.locator("pre").all():
+                assert pre.evaluate("(element) => element.scrollWidth <= element.clientWidth"), pre.text_content()
+        assert phone.problems() == []
+    finally:
+        phone.context.close()
+
+
+def test_the_consent_page_wears_the_pages_style_dark_mode_included(browser, service, fake):
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        watched = Watched(browser, color_scheme=scheme, **SIZES["phone"])
+        try:
+            start_login(watched, service, fake)
+            answer = watched.page.request.get(watched.page.url)  # the consent page's own headers
+            policy = answer.headers["content-security-policy"]
+            assert re.search(r"style-src 'sha256-[A-Za-z0-9+/]+={0,2}';", policy) and "default-src 'none'" in policy
+            assert "unsafe-inline" not in policy
+            body = watched.page.locator("body")
+            backgrounds[scheme] = body.evaluate("(element) => getComputedStyle(element).backgroundColor")
+            # The service's own buttons: its green, rounded.
+            agree = watched.page.get_by_role("button", name="Agree")
+            assert agree.evaluate("(element) => getComputedStyle(element).borderRadius") == "999px"
+            assert fits(watched) is not None
+            # The page itself changes with the scheme too.
+            watched.page.goto(service.url + "/")
+            assert body.evaluate("(element) => getComputedStyle(element).backgroundColor") == backgrounds[scheme]
+            assert watched.problems() == []
+        finally:
+            watched.context.close()
+    assert backgrounds["light"] != backgrounds["dark"]
+    luminance = {scheme: sum(map(int, re.findall(r"\d+", color)[:3])) for scheme, color in backgrounds.items()}
+    assert luminance["dark"] < 150 < luminance["light"], backgrounds

@@ -16,6 +16,7 @@ from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
 from requests_oauthlib import OAuth2Session as OAuthlibSession
 
 from crypto import TokenSealer
+from tests.tools import needs
 from tests.helpers import BASE_CONFIG, SECRET, server_env
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 from devtools.process import CLOSE, ROOT, Server, json_answer
@@ -109,6 +110,7 @@ def test_requests_oauthlib_auto_refresh_url(server, fake, monkeypatch):
     client.close()
 
 
+@needs("node", "npm")
 def test_node_simple_oauth2_swaps_then_refreshes_and_never_loses_its_refresh_token(server, fake):
     """simple-oauth2 copies refresh_token from every answer: without one, its next refresh sent it empty."""
     code = f"simple-oauth2-{uuid.uuid4().hex}"

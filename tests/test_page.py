@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from app import create_app
 from crypto import key_id
 from tests.helpers import BASE_CONFIG, SECRET, app_for
 from devtools.fake_accounts import CLIENT_SECRET
+from dotenv import dotenv_values
 
 PAGE_CALLBACK = "http://localhost/callback"  # the test client's origin
 HEADERS = {
@@ -32,7 +34,7 @@ def csp(response) -> dict[str, str]:
 
 
 def test_page_says_what_this_is_and_the_urls_to_paste():
-    html = page_client().get("/").get_data(as_text=True)
+    html = page_client().get("/").get_data(as_text=True).replace("<wbr>", "")
     assert "token swap and refresh service" in html
     assert "Up and running" in html
     for text in (
@@ -76,7 +78,8 @@ def test_without_an_allowed_callback_the_page_says_which_uri_to_add_and_where():
     html = page_client().get("/").get_data(as_text=True)
     assert 'id="login-button"' not in html
     missing = re.search(r'id="callback-missing".*?</div>', html, re.S).group(0)
-    assert f'<code id="missing-uri">{PAGE_CALLBACK}</code>' in missing
+    # <wbr> where the URI may wrap on a phone, nothing else.
+    assert f'<code id="missing-uri">{PAGE_CALLBACK}</code>' in missing.replace("<wbr>", "")
     assert "Spotify developer dashboard" in missing and "https://developer.spotify.com/dashboard" in missing
     assert "SPOTIFY_CLIENT_CALLBACK_URL" in missing
 
@@ -162,3 +165,30 @@ def test_page_gets_are_neither_counted_nor_refused_by_the_failure_limit():
     # A spent address still sees the page (reads never reach Spotify); the API stays refused.
     assert client.get("/").status_code == 200
     assert client.post("/refresh", data={}).status_code == 429
+
+
+# The redirect URIs of Spotify's iOS apps (spotify/ios-sdk DemoProjects/SPTLoginSampleAppSwift, ViewController.swift
+# and README.md; developer.spotify.com's iOS quick start).
+SWIFT_DEMO = "spotify-login-sdk-test-app-swift://spotify-login-callback"
+QUICK_START = "spotify-ios-quick-start://spotify-login-callback"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_ios_sdk_demo_works_unchanged_its_redirect_uri_first():
+    """The SDK sends no redirect_uri: the demo whose swap URL is http://localhost:1234/swap needs its URI first."""
+    example = dotenv_values(ROOT / ".env.example")["SPOTIFY_CLIENT_CALLBACK_URL"] or ""
+    assert example.split(",")[0] == SWIFT_DEMO
+    html = page_client(SPOTIFY_CLIENT_CALLBACK_URL=example).get("/").get_data(as_text=True)
+    first = re.search(r'<ul id="redirect-uris">\s*<li><code>([^<]+)</code> \(the default', html.replace("<wbr>", ""))
+    assert first and first.group(1) == SWIFT_DEMO
+    for text in (ROOT / "README.md").read_text(), (ROOT / "docs" / "clients.md").read_text(), html.replace("<wbr>", ""):
+        assert SWIFT_DEMO in text and QUICK_START in text and "http://localhost:1234/swap" in text
+
+
+def test_urls_on_the_page_may_wrap_after_slashes_and_commas_only():
+    html = page_client(SPOTIFY_CLIENT_CALLBACK_URL=f"myapp://spotify-login-callback,{PAGE_CALLBACK}?a=1&b=2").get("/")
+    text = html.get_data(as_text=True)
+    assert '<code id="swap-url">http://<wbr>localhost/<wbr>swap</code>' in text
+    assert "<li><code>myapp://<wbr>spotify-login-callback</code>" in text
+    # Escaped as before; the break after "&" comes after its entity, never inside it.
+    assert "<code>http://<wbr>localhost/<wbr>callback?<wbr>a=1&amp;<wbr>b=2</code>" in text

@@ -34,7 +34,8 @@ def test_a_missing_dotenv_is_written_from_the_example_with_a_fresh_secret(tmp_pa
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # What it holds is a valid configuration once the credentials are in, the page's callback allowed.
     config = load_config({**written, "SPOTIFY_CLIENT_ID": "id", "SPOTIFY_CLIENT_SECRET": "secret"})
-    assert config.callback_urls == ("spotify-ios-quick-start://spotify-login-callback", "http://127.0.0.1:1234/callback")
+    assert config.callback_urls == ("spotify-login-sdk-test-app-swift://spotify-login-callback",
+                                    "http://127.0.0.1:1234/callback")
     other = tmp_path / "other.env"
     run.prepare_env_file(other, EXAMPLE)
     assert dotenv_values(other)["ENCRYPTION_SECRET"] != written["ENCRYPTION_SECRET"]
@@ -87,10 +88,10 @@ def test_from_a_fresh_copy_it_serves_against_the_stand_in(tmp_path):
         assert "test-client-id" in page.text  # the stand-in's client
         stand_in = re.search(r"token requests to\s*<code>([^<]+)</code>", page.text).group(1)
         assert stand_in.startswith("http://127.0.0.1:") and stand_in != url
-        # A login as the iOS SDK makes it (no PKCE, the quick start's redirect URI), then its swap: code alone.
+        # A login as the iOS SDK makes it (no PKCE, its demo app's redirect URI), then its swap: code alone.
         login = requests.get(stand_in + "/authorize", allow_redirects=False, timeout=10, params={
             "client_id": "test-client-id", "response_type": "code", "decision": "accept",
-            "redirect_uri": "spotify-ios-quick-start://spotify-login-callback", "scope": "user-read-private"})
+            "redirect_uri": "spotify-login-sdk-test-app-swift://spotify-login-callback", "scope": "user-read-private"})
         code = parse_qs(urlsplit(login.headers["Location"]).query)["code"][0]
         tokens = json_answer(requests.post(url + "/swap", data={"code": code}, headers=CLOSE, timeout=10))
         refreshed = requests.post(url + "/refresh", data={"refresh_token": tokens["refresh_token"]}, headers=CLOSE,
