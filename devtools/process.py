@@ -182,3 +182,20 @@ def run_until_exit(env: dict[str, str], timeout: float = 20) -> tuple[int, str]:
 def quote_env(env: dict[str, str]) -> str:
     """The variables as a shell would set them, for error messages."""
     return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+
+
+def wait_until_up(url: str, process: subprocess.Popen | None = None, *, timeout: float = 30,
+                  verify: bool | str = True) -> bool:
+    """Ask GET url/health until it answers 200 (True), or until `process` exits or `timeout` seconds pass (False).
+
+    The one "wait until up" of the tests, the benchmarks and `make run`.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
+        try:
+            if requests.get(url + "/health", headers=CLOSE, timeout=1, verify=verify).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    return False

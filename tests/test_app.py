@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -15,13 +14,9 @@ from pathlib import Path
 
 import pytest
 import requests
-import responses
 from flask import jsonify, request
-from flask.testing import FlaskClient
-from responses import matchers
 
 from api import REFRESH_PATHS, SWAP_PATHS
-from app import create_app
 from crypto import Opened, TokenSealer
 from tests.helpers import (
     CALLBACK,
@@ -31,14 +26,12 @@ from tests.helpers import (
     OTHER_CALLBACK,
     RAW_REFRESH,
     ROTATED,
-    SECRET,
     SECRET_A,
     SECRET_B,
     TOKENS,
     TOKEN_URL,
     VERIFIER,
     CheckedClient,
-    app_for,
     assert_error,
     assert_token_answer,
     expect,
@@ -50,7 +43,6 @@ from tests.helpers import (
     unseal,
 )
 from devtools.legacy import legacy_token
-from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGACY_VECTORS = legacy_vectors()

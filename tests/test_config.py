@@ -11,7 +11,7 @@ import pytest
 
 from app import create_app
 from config import Config, ConfigError, load_config
-from tests.helpers import BASE_CONFIG, app_for
+from tests.helpers import BASE_CONFIG
 
 REQUIRED = (
     "SPOTIFY_CLIENT_ID",

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tokenize
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from Crypto.Protocol.KDF import HKDF
 import crypto
 from config import SERVER_VARIABLES, VARIABLES, generate_secret, load_config
 from tests.helpers import BASE_CONFIG
-from devtools.process import free_port, web_command
+from devtools.process import free_port, wait_until_up, web_command
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {name for name, text in VARIABLES.items() if text.endswith("(required)")}
@@ -443,16 +442,7 @@ def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
             stdout=output, stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, log.read_text(errors="replace")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "the service did not answer /health"
-            time.sleep(0.1)
+        assert wait_until_up(f"http://127.0.0.1:{port}", server), log.read_text(errors="replace")
         assert healthcheck() == 0
         # The landing page and its files, from the image's copies (Connection: close, so no keep-alive
         # connection holds a worker at SIGTERM).

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import requests
 
 from config import generate_secret
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
-from devtools.process import CLOSE, free_port, json_answer, web_command
+from devtools.process import CLOSE, free_port, json_answer, wait_until_up, web_command
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
@@ -126,16 +125,7 @@ def started(command: list[str], cwd: Path, env: dict[str, str], url: str):
                                    start_new_session=True)
     output = lambda: log_path.read_text(errors="replace")  # noqa: E731
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, output()
-            try:
-                if requests.get(url + "/health", headers=CLOSE, timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, f"{command} did not answer /health:\n{output()}"
-            time.sleep(0.1)
+        assert wait_until_up(url, process, timeout=60), f"{command} did not answer /health:\n{output()}"
         yield output
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from api import REFRESH_PATHS, SWAP_PATHS
-from config import VARIABLES
 from crypto import TokenSealer
 from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for
 from devtools.fake_accounts import CLIENT_ID

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from app import create_app
 from crypto import key_id
 from tests.helpers import BASE_CONFIG, SECRET, app_for
 from devtools.fake_accounts import CLIENT_SECRET
