@@ -15,7 +15,7 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
 # The service and nothing else (no tests, no .env): see .dockerignore too.
-COPY app.py api.py check.py commands.py config.py cors.py crypto.py errors.py page.py proxies.py ratelimit.py service.py spotify.py gunicorn.conf.py ./
+COPY app.py api.py check.py commands.py config.py cors.py crypto.py errors.py page.py proxies.py ratelimit.py server.py service.py spotify.py gunicorn.conf.py ./
 # The landing page's template, script and style.
 COPY templates ./templates
 COPY static ./static
@@ -30,7 +30,9 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"]
 
-# gunicorn finishes in-flight requests on SIGTERM; SIGINT (Fly's default) would cut them off.
+# gunicorn finishes in-flight requests on SIGTERM; SIGINT (Fly's default) would cut them off. A stop may
+# take up to graceful_timeout (35 s with SPOTIFY_TIMEOUT=10; docs/operations.md, "Stopping"): give the
+# container that long (docker run --stop-timeout 40, compose's stop_grace_period: 40s, Fly's kill_timeout).
 STOPSIGNAL SIGTERM
 
 # The Procfile's web command, in exec form: gunicorn is PID 1 and receives the stop signal itself.

@@ -38,8 +38,12 @@ SERVER_VARIABLES: dict[str, str] = {
 }
 
 MIN_SECRET_LENGTH = 16
-# A request body not all arrived this many seconds after its headers is answered 408, and its connection closed.
+
+# How long a request may take to send its body once its headers have arrived (app.py's 408).
 BODY_TIMEOUT = 10
+# What a stop allows beyond the longest request: the worker's once-a-second check that its
+# requests are done, the answer's write, and scheduling under load.
+STOP_MARGIN = 5
 GEN_SECRET_HINT = "generate one with: flask --app app gen-secret"
 
 
@@ -225,6 +229,15 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         rate_limit_storage_uri=storage_uri,
         client_credentials=client_credentials,
     )
+
+
+def longest_request_seconds(config: Config) -> float:
+    """The longest a request the service admitted can take, once its headers have arrived: its body
+    (BODY_TIMEOUT), then its wait for a turn in its client's queue of calls to Spotify (the rate
+    limits wait up to SPOTIFY_TIMEOUT), then the call to Spotify (SPOTIFY_TIMEOUT). gunicorn.conf.py
+    gives a stop this long plus STOP_MARGIN, so that no admitted request is killed by a stop."""
+    queue_wait = config.timeout
+    return BODY_TIMEOUT + queue_wait + config.timeout
 
 
 # Most connections one gunicorn worker serves at once, however many open files it may have: each

@@ -4,11 +4,16 @@ Writes .env from .env.example with a fresh ENCRYPTION_SECRET when there is none 
 empty), then starts the Procfile's web command on 127.0.0.1:1234, which reads .env through gunicorn.conf.py.
 Without SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET it also starts devtools/fake_accounts.py and points the service
 at it. `--host 0.0.0.0` listens on every interface and prints the URLs a phone on the same network needs.
+
+This process binds the port itself and hands the listening socket to gunicorn, so a port already in use is said
+plainly, and the banner is only ever printed for its own server. gunicorn runs in a session of its own: Ctrl-C
+reaches this process alone, which asks gunicorn for one graceful stop (a second Ctrl-C: a quick one).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shlex
@@ -88,6 +93,29 @@ def banner(host: str, port: int, stand_in: str | None, lan: str | None, callback
     return "\n".join(lines)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket gunicorn will serve on; OSError (EADDRINUSE) when the port is taken."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As gunicorn does: a port left in TIME_WAIT by the last run is free, one listened on is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)  # gunicorn's default backlog
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def port_in_use(host: str, port: int) -> str:
+    """What the console says when the port is taken."""
+    return (f"Port {port} is in use on {host}: another `make run`, or another program, listens there.\n"
+            f"Stop it, or choose another port: make run PORT={8000 if port != 8000 else 8080}")
+
+
 def wait_until_up(server: subprocess.Popen, url: str, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while server.poll() is None and time.monotonic() < deadline:
@@ -106,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=PORT)
     args = parser.parse_args(argv)
 
+    try:
+        listener = listen(args.host, args.port)
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE:
+            raise
+        print(port_in_use(args.host, args.port), file=sys.stderr, flush=True)
+        return 1
+
     done = prepare_env_file(ROOT / ".env", ROOT / ".env.example")
     if done:
         print(done, flush=True)
@@ -115,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         **os.environ,
         "PORT": str(args.port),
         # The Procfile binds 0.0.0.0:$PORT; command-line style settings override gunicorn.conf.py's.
-        "GUNICORN_CMD_ARGS": f"--bind {args.host}:{args.port}",
+        # gunicorn serves the socket bound here (fd://), so nothing can take the port in between.
+        "GUNICORN_CMD_ARGS": f"--bind fd://{listener.fileno()}",
         # gunicorn from this virtualenv, even when it is not activated (make runs .venv/bin/python).
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -130,19 +167,35 @@ def main(argv: list[str] | None = None) -> int:
 
     local = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
     callbacks = [uri.strip() for uri in setting("SPOTIFY_CLIENT_CALLBACK_URL", dotenv).split(",")]
-    server = subprocess.Popen(shlex.split(web_command()), cwd=ROOT, env=env)
-    # Stopped by a signal other than Ctrl-C (which the whole terminal's process group gets): pass it on.
-    signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
+    # A session of its own: a terminal's Ctrl-C (SIGINT to its whole foreground process group) would
+    # otherwise reach the master and each worker at once, and a worker stopped both by the terminal and
+    # by its master prints a traceback. Only this process gets it, and passes one stop on.
+    server = subprocess.Popen(shlex.split(web_command()), cwd=ROOT, env=env, pass_fds=[listener.fileno()],
+                              start_new_session=True)
+    listener.close()  # gunicorn holds it now
+    stops = 0
+
+    def stop(signum: int, frame: object) -> None:
+        # The first Ctrl-C or SIGTERM: gunicorn's graceful stop (idle connections close at once, requests
+        # finish); another Ctrl-C: its quick stop.
+        nonlocal stops
+        stops += 1
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM if stops == 1 or signum == signal.SIGTERM else signal.SIGINT)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
-        if wait_until_up(server, local):
+        if wait_until_up(server, local) and not stops:
             print(banner(args.host, args.port, stand_in, lan_address() if args.host == "0.0.0.0" else None,
                          f"{local}/callback" in callbacks), flush=True)
-        return server.wait()
-    except KeyboardInterrupt:  # Ctrl-C: gunicorn has it too, unless it was sent to this process alone
-        if server.poll() is None:
-            server.terminate()
-        return server.wait()
+        code = server.wait()
+        # Stopped as asked: a clean end for make, not "Error 1".
+        return 0 if stops and code == 0 else code
     finally:
+        if server.poll() is None:  # this process ends for another reason: do not leave gunicorn behind
+            server.kill()
+            server.wait()
         if fake:
             fake.stop()
 

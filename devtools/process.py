@@ -19,7 +19,7 @@ from config import VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# One request in gunicorn.conf.py's access_log_format: client "METHOD PATH" status bytes duration.
+# One request in gunicorn.conf.py's access_log_format (server.ACCESS_LOG_FORMAT): client "METHOD PATH" status bytes duration.
 ACCESS_LINE = re.compile(
     r'(?P<client>\S+) "(?P<method>[A-Z]+) (?P<path>\S*)" (?P<status>\d{3}) (?P<bytes>\S+) (?P<ms>\d+)ms'
 )
@@ -59,6 +59,8 @@ def web_command() -> str:
 class Server:
     """The service as a real process. Output goes to a file, readable with .output()."""
 
+    process: subprocess.Popen[bytes]  # once start() has run
+
     def __init__(self, env: dict[str, str], *, port: int | None = None, extra_args: str = ""):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -78,7 +80,6 @@ class Server:
         }
         self._log = tempfile.NamedTemporaryFile(prefix="tokenswap-", suffix=".log", delete=False)
         self._log.close()  # only its name is kept: each start appends to it through its own handle
-        self.process: subprocess.Popen | None = None
 
     def start(self, *, wait: bool = True, timeout: float = 20) -> "Server":
         self._started_at = len(self.output())
@@ -136,8 +137,10 @@ class Server:
         return with_children(self.process.pid)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
+        if not hasattr(self, "process"):
+            return 0
+        if self.process.poll() is not None:
+            return self.process.returncode
         self.process.send_signal(sig)
         try:
             return self.process.wait(timeout)

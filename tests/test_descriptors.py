@@ -745,13 +745,15 @@ def test_token_format_page_example_length_is_true():
 
 
 def test_the_access_line_is_the_one_gunicorns_own_atoms_make(monkeypatch, tmp_path):
-    """gunicorn.conf.py computes only the six atoms its line shows: the line must be exactly what
-    gunicorn's full atoms() would make of the same request, so an upgrade that changes an atom shows."""
+    """server.Logger computes only the six atoms gunicorn.conf.py's line shows: the line must be exactly
+    what gunicorn's full atoms() would make of the same request, so an upgrade that changes an atom shows."""
     from datetime import timedelta
     from types import SimpleNamespace
 
     from gunicorn import glogging
     from gunicorn.config import Config as GunicornConfig
+
+    import server
 
     monkeypatch.chdir(tmp_path)
     for name, value in {**DUMMIES, "ENCRYPTION_SECRET": generate_secret()}.items():
@@ -759,7 +761,8 @@ def test_the_access_line_is_the_one_gunicorns_own_atoms_make(monkeypatch, tmp_pa
     settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     cfg = GunicornConfig()
     cfg.set("access_log_format", settings["access_log_format"])
-    ours, stock = settings["Logger"](cfg), glogging.Logger(cfg)
+    assert settings["logger_class"] == "server.Logger"
+    ours, stock = server.Logger(cfg), glogging.Logger(cfg)
     cases = [
         ("203.0.113.9", "POST", "/refresh", "200 OK", 187, timedelta(microseconds=93_999)),
         ("2001:db8::1", "GET", "/nope;token=x", "404 NOT FOUND", None, timedelta(seconds=2, microseconds=5)),
@@ -772,7 +775,7 @@ def test_the_access_line_is_the_one_gunicorns_own_atoms_make(monkeypatch, tmp_pa
         req = SimpleNamespace(headers=[("HOST", "x")])
         line = cfg.access_log_format % ours.atoms_wrapper_class(ours.atoms(resp, req, environ, took))
         full = glogging.Logger.atoms(ours, resp, req, environ, took)
-        full["U"] = settings["_redacted"](full["U"])
+        full["U"] = server.redacted(full["U"])
         assert line == cfg.access_log_format % ours.atoms_wrapper_class(full)
         assert "\n" not in line and "token=x" not in line
         assert line.startswith(address) or address == "-"

@@ -3,14 +3,19 @@ and what the console says."""
 
 from __future__ import annotations
 
-import pytest
-
+import http.server
+import os
 import re
+import signal
 import stat
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import requests
 from dotenv import dotenv_values
 
@@ -104,3 +109,121 @@ def test_from_a_fresh_copy_it_serves_against_the_stand_in(tmp_path):
     secret = dotenv_values(directory / ".env")["ENCRYPTION_SECRET"]
     for value in (secret, "test-client-secret", code, tokens["access_token"], tokens["refresh_token"]):
         assert value not in console
+
+
+# -- stopping, and a port already taken --------------------------------------------------------
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """A process and all its descendants, walked in /proc: {pid: start time}, the start time telling a
+    process from a later one that reuses its pid."""
+    parents: dict[int, int] = {}
+    started_at: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The command name, in parentheses, may hold spaces: the fields after it are fixed.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone in between
+                continue
+            parents[int(entry.name)], started_at[int(entry.name)] = int(fields[1]), fields[19]
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in started_at:
+            tree[pid] = started_at[pid]
+            todo += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def still_running(tree: dict[int, str]) -> list[int]:
+    alive = []
+    for pid, started_at in tree.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == started_at and fields[0] != "Z":
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stop_prints_no_traceback_leaves_no_process_and_takes_seconds(tmp_path, how):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group), or SIGTERM to run.py alone,
+    with a browser-like keep-alive connection open and the stand-in for Spotify running."""
+    directory = copy_of_the_service(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "console.log"
+    with log_path.open("wb") as log:
+        # A process group of its own, like a shell's foreground job.
+        process = subprocess.Popen([sys.executable, "run.py", "--port", str(port)], cwd=directory,
+                                   env=bare_environment(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "Stop with Ctrl-C." not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        keep_alive = requests.Session()
+        assert keep_alive.get(url + "/health", timeout=10).status_code == 200
+        tree = process_tree(process.pid)
+        assert len(tree) >= 4, tree  # run.py, the gunicorn master, its two workers
+        signalled = time.monotonic()
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+        took = time.monotonic() - signalled
+        keep_alive.close()
+        leftover = still_running(tree)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    console = log_path.read_text()
+    assert code == 0, console
+    assert "Traceback" not in console and "[ERROR]" not in console, console
+    assert leftover == [], f"left running: {leftover}\n{console}"
+    assert took < 5, f"took {took:.1f} s to stop"
+
+
+def test_a_busy_port_is_said_plainly_and_no_banner_is_printed(tmp_path):
+    """Another server already answers /health on the port: run.py says so and stops, non-zero."""
+    directory = copy_of_the_service(tmp_path)
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    port = other.server_address[1]
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        started_at = time.monotonic()
+        result = subprocess.run([sys.executable, "run.py", "--port", str(port)], cwd=directory,
+                                env=bare_environment(), capture_output=True, text=True, timeout=30)
+        took = time.monotonic() - started_at
+    finally:
+        other.shutdown()
+        other.server_close()
+    console = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"Port {port} is in use" in console and "make run PORT=8000" in console
+    assert "running" not in console and "STAND-IN" not in console
+    assert took < 10
+    # On every interface too: the port is taken on 127.0.0.1.
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    try:
+        result = subprocess.run([sys.executable, "run.py", "--host", "0.0.0.0", "--port", str(other.server_address[1])],
+                                cwd=directory, env=bare_environment(), capture_output=True, text=True, timeout=30)
+    finally:
+        other.server_close()
+    assert result.returncode != 0 and "is in use" in result.stderr

@@ -1,0 +1,249 @@
+"""The server process: the gunicorn worker and logger classes that gunicorn.conf.py names.
+
+`worker_class = "server.Worker"`: gunicorn's gevent worker, which also knows which of its connections are
+waiting for a request, so that a stop closes those at once and lets every request whose headers have
+arrived finish, its body included (docs/operations.md, "Stopping").
+`logger_class = "server.Logger"`: gunicorn's logger, with no code, token or forged line in what it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import socket
+from collections.abc import MutableMapping
+from datetime import timedelta
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from greenlet import greenlet
+from gunicorn import glogging, util
+from gunicorn.workers.ggevent import GeventWorker
+
+from config import load_config
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.glogging import _AtomsDict  # the stubs' name for atoms()' answer
+    from gunicorn.http import Request
+    from gunicorn.http.wsgi import Response
+
+# gunicorn.conf.py's access_log_format: client "METHOD PATH" status bytes milliseconds. Logger.atoms()
+# computes these six atoms only; any other format gets gunicorn's full set.
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+
+# What follows a path in a request target may hold a code or a token: the query (a client that put
+# its fields in the URL), a fragment, or path parameters. Redacted to the next space: gunicorn logs a
+# refused request line with repr, so a quote may be part of it.
+_AFTER_PATH = re.compile(r"[?#;]\S*")
+
+
+def redacted(value: object) -> object:
+    """A logged string with whatever follows a path (query, fragment, path parameters) replaced by '...'."""
+    return _AFTER_PATH.sub("...", value) if isinstance(value, str) else value
+
+
+def _escaped(value: Any) -> Any:
+    # The stubs say str; an atom may be an int (bytes sent, milliseconds) or None.
+    if isinstance(value, str) and not value.isprintable():
+        # A percent-encoded newline in a path must not start a forged log line.
+        return value.encode("unicode_escape").decode("ascii")
+    return value
+
+
+class SafeAtoms(glogging.SafeAtoms):
+    """gunicorn's atoms for the access line, each escaped as the line's format asks for it."""
+
+    def __getitem__(self, name: str) -> str:
+        return _escaped(super().__getitem__(name))
+
+
+class Logger(glogging.Logger):
+    """gunicorn's logger (the `logger_class` setting), with every logged value made safe."""
+
+    atoms_wrapper_class = SafeAtoms
+
+    def atoms(self, resp: Response, req: Request, environ: MutableMapping[str, Any],
+              request_time: timedelta) -> _AtomsDict:
+        if self.cfg.access_log_format == ACCESS_LOG_FORMAT:
+            # The six atoms this service's line shows, computed as gunicorn computes them
+            # (tests/test_descriptors.py compares them with gunicorn's own): the stock method also
+            # copies every header and environ entry and formats a date, for each request.
+            status = str(resp.status).split(None, 1)[0]
+            atoms: _AtomsDict = {
+                "h": environ.get("REMOTE_ADDR", "-"),
+                "m": environ.get("REQUEST_METHOD"),
+                "U": environ.get("PATH_INFO"),
+                "s": status,
+                "B": getattr(resp, "sent", None),
+                "M": request_time.seconds * 1000 + int(request_time.microseconds / 1000),
+            }
+        else:
+            atoms = super().atoms(resp, req, environ, request_time)
+        path, line = atoms.get("U"), atoms.get("r")
+        if path is not None:
+            atoms["U"] = _AFTER_PATH.sub("...", path)
+        if line is not None:
+            atoms["r"] = _AFTER_PATH.sub("...", line)
+        return atoms
+
+    def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
+        # "Invalid request from ip=...: Invalid HTTP request line: 'POST /refresh?refresh_token=...'"
+        super().warning(redacted(msg), *map(redacted, args), **kwargs)
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        # "Error handling request POST /swap?code=..."
+        super().exception(redacted(msg), *map(redacted, args), **kwargs)
+
+
+class _Stopping(Exception):
+    """Thrown into a connection's greenlet that waits for a request when the worker stops."""
+
+
+class Worker(GeventWorker):
+    """gunicorn's gevent worker (the `worker_class` setting), which closes idle connections at once on a stop.
+
+    gunicorn waits for every connection's greenlet before a worker exits, and one waiting for a request
+    (idle after an answer, or opened and never used, as browsers and load balancers pre-connect) waits up
+    to `keepalive`. Each connection is known from the moment it is accepted (handle); while it waits for
+    a request's headers it is listed as waiting (timeout_ctx, which gunicorn enters for exactly that
+    wait). On a stop, each waiting connection's wait ends as if its keep-alive time had run out, which
+    gunicorn treats as a quiet end of the connection: nothing logged. A request whose headers have
+    arrived is no longer waiting: it runs to its end, body and answer included, and its answer says
+    `Connection: close`, so no client sends another request on a connection about to close.
+    """
+
+    def init_process(self) -> None:
+        self.connections: set[socket.socket] = set()
+        self.waiting: set[greenlet] = set()
+        self.requests: set[Request] = set()
+        # THE one patch of gunicorn's internals (pinned gunicorn==27.0.1): gunicorn answers a request it
+        # cannot parse (bad request line or header, URL or headers too long) itself, with an HTML page that
+        # echoes the input, through gunicorn.util.write_error; no setting or hook reaches that answer. The
+        # contract says every error is JSON. tests/test_server.py::test_the_one_patch_still_reaches_gunicorn
+        # fails if an upgrade renames or bypasses it.
+        util.write_error = write_json_error
+        super().init_process()
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self.connections.add(client)
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self.connections.discard(client)
+
+    def handle_request(self, listener_name: Any, req: Request, sock: Any, addr: Any) -> bool:
+        self.requests.add(req)
+        try:
+            return bool(super().handle_request(listener_name, req, sock, addr))
+        finally:
+            self.requests.discard(req)
+
+    # The stubs say None; gunicorn enters what it returns as a context manager.
+    def timeout_ctx(self) -> _WaitForRequest:  # type: ignore[override]
+        return _WaitForRequest(self)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """SIGTERM: gunicorn's graceful stop, and the connections waiting for a request closed at once."""
+        super().handle_exit(sig, frame)
+        # A signal handler must not block: the closing is done by a greenlet of its own.
+        gevent.spawn(self.close_waiting)
+
+    def close_waiting(self) -> None:
+        """End the wait of each connection that waits for a request; the others finish their request,
+        whose answer closes its connection (`Connection: close`)."""
+        for req in self.requests:
+            req.force_close()
+        waiting = list(self.waiting)
+        self.log.info("Stopping with %d connection(s): closing %d idle connection(s) (keep-alive connection or "
+                      "not yet used); %d finish their request first", len(self.connections), len(waiting),
+                      len(self.requests))
+        for waiter in waiting:
+            # Thrown from the hub's next turn, and only if that connection is still waiting: by then a
+            # request's headers may have arrived on it, and that request must run to its end.
+            gevent.get_hub().loop.run_callback(self.end_wait, waiter)
+
+    def end_wait(self, waiter: greenlet) -> None:
+        """Run by the hub: end this greenlet's wait for a request, if it still waits."""
+        if waiter in self.waiting:
+            waiter.throw(_Stopping)
+
+
+class _WaitForRequest:
+    """A connection's wait for a request's headers (GeventWorker.timeout_ctx's place): at most
+    `keepalive`, then a quiet end; cut short when the worker stops."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        # False: the timeout ends the block quietly (gevent's documented form; its stubs omit it).
+        self.timeout = gevent.Timeout(worker.cfg.keepalive, False)  # type: ignore[arg-type]
+
+    def __enter__(self) -> None:
+        waiter = gevent.getcurrent()
+        self.worker.waiting.add(waiter)
+        self.timeout.start()
+        if not self.worker.alive:
+            # Accepted while the worker was stopping (it stops accepting within a second): this
+            # connection gets no request served either.
+            gevent.get_hub().loop.run_callback(self.worker.end_wait, waiter)
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: Any) -> bool:
+        self.worker.waiting.discard(gevent.getcurrent())
+        self.timeout.close()
+        # Keep-alive time run out, or the worker stopping: the connection ends, nothing logged.
+        return value is self.timeout or kind is _Stopping
+
+
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's answer to a request it refuses itself, as JSON (replaces gunicorn.util.write_error)."""
+    body = json.dumps({
+        "error": "invalid_request" if status_int < 500 else "server_error",
+        "error_description": reason,
+    }, separators=(",", ":"))
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\nCache-Control: no-store\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, (head + body).encode("latin-1"))
+
+
+def raise_open_file_limit() -> None:
+    """Raise this process's soft open-file limit to the hard one (what an unprivileged process may):
+    every connection a worker holds is an open file. Called in the master, before it forks."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # an unlimited hard limit the kernel caps lower (macOS)
+            pass
+
+
+def when_ready(arbiter: Arbiter) -> None:
+    """gunicorn's when_ready hook, in the master once listening: what one instance holds, and the
+    limits that memory storage counts per worker (docs/deploy-vm.md)."""
+    cfg, log = arbiter.cfg, arbiter.log
+    assert log is not None, "gunicorn sets up its logger before it is ready"
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    log.info("Open-file limit %s: each of the %s workers serves up to %s connections at once",
+             open_files, cfg.workers, cfg.worker_connections)
+    config = load_config()
+    failures = config.rate_limit_failures
+    if cfg.workers > 1 and failures and config.rate_limit_storage_uri.startswith("memory://"):
+        from limits import parse_many
+
+        def budget(times: int) -> str:
+            # Written out, not as the variable's own text: the logger cuts a value at ";" (a code
+            # could follow one in a request line), and several windows are joined with ";".
+            return ", ".join(
+                f"{times * item.amount} per "
+                + (item.GRANULARITY.name if item.multiples == 1 else f"{item.multiples} {item.GRANULARITY.name}s")
+                for item in parse_many(failures)
+            )
+
+        log.warning("RATE_LIMIT_STORAGE_URI is memory://: each of the %s workers counts failures on its "
+                    "own, so a client's failure budget is up to %s x RATE_LIMIT_FAILURES (%s) = %s on each "
+                    "instance. Set RATE_LIMIT_STORAGE_URI to a Redis URL to count them once.",
+                    cfg.workers, cfg.workers, budget(1), budget(cfg.workers))

@@ -1,0 +1,178 @@
+"""Stopping the real server (server.Worker): what SIGTERM does to each kind of connection, and the timeouts."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from config import BODY_TIMEOUT, STOP_MARGIN, Config, longest_request_seconds
+from crypto import TokenSealer
+from devtools.fake_accounts import FakeAccounts
+from devtools.process import Server
+from devtools.fake_accounts import CLIENT_ID
+from tests.helpers import BASE_CONFIG, SECRET, server_env
+
+ROOT = Path(__file__).resolve().parent.parent
+SEALER = TokenSealer([SECRET], CLIENT_ID)
+
+
+def read_answer(sock: socket.socket, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer with a Content-Length from a raw socket: (status, headers, body)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before an answer: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of an answer")
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closes this connection (that sent nothing more) within timeout seconds."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def swap_request(code: str) -> bytes:
+    body = urlencode({"code": code}).encode()
+    return (b"POST /swap HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
+def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.02)
+
+
+def test_sigterm_closes_waiting_connections_at_once_and_finishes_every_request_whose_headers_arrived():
+    """Pre-connected and idle keep-alive connections close at once; a swap waiting on a slow Spotify
+    and two requests whose bodies are still arriving (one on a fresh connection, one on a keep-alive
+    connection's second request) all get their 200; the stop ends promptly and logs no error."""
+    with FakeAccounts() as fake, Server(server_env(fake.url, SPOTIFY_TIMEOUT="10")) as server:
+        address = ("127.0.0.1", server.port)
+        pre_connected = [socket.create_connection(address, timeout=10) for _ in range(4)]
+        idle = []
+        for _ in range(4):
+            sock = socket.create_connection(address, timeout=10)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(sock)[0] == 200
+            idle.append(sock)
+        # Headers sent, half the body not yet: once on a fresh connection, once as a keep-alive
+        # connection's second request (whose read side the previous design shut on a stop: a 400).
+        mid_body = []
+        for second_request in (False, True):
+            sock = socket.create_connection(address, timeout=10)
+            if second_request:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_answer(sock)[0] == 200
+            code = f"code-{uuid.uuid4().hex}"
+            request = swap_request(code)
+            sock.sendall(request[:-10])
+            mid_body.append((sock, code, request[-10:]))
+        # A swap that Spotify answers after 3 s: its code is spent there once the call starts.
+        slow_code = "fault-slow-3"
+        slow_answer: list[tuple[int, dict[str, str], bytes]] = []
+        slow = socket.create_connection(address, timeout=10)
+
+        def slow_swap() -> None:
+            slow.sendall(swap_request(slow_code))
+            slow_answer.append(read_answer(slow))
+
+        in_flight = threading.Thread(target=slow_swap)
+        in_flight.start()
+        wait_for(lambda: any(r["form"].get("code") == slow_code for r in fake.requests), 10, "the swap at Spotify")
+
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        # Both workers have begun to stop before the bodies' rest is sent.
+        wait_for(lambda: server.output().count("Stopping with ") == 2, 10, "both workers stopping")
+        for sock in pre_connected + idle:
+            assert closed_by_server(sock, timeout=2), "a connection waiting for a request was kept open"
+        closed_after = time.monotonic() - signalled
+        answers = []
+        for sock, code, rest in mid_body:
+            sock.sendall(rest)
+            answers.append((code, read_answer(sock)))
+        exit_code = server.process.wait(40)
+        stopped_after = time.monotonic() - signalled
+        in_flight.join(10)
+        for sock in pre_connected + idle + [s for s, *_ in mid_body] + [slow]:
+            sock.close()
+        output = server.output()
+
+    assert exit_code == 0
+    assert closed_after < 2, f"waiting connections closed {closed_after:.1f} s after SIGTERM"
+    for code, (status, headers, body) in answers:
+        assert status == 200, body
+        assert headers["connection"] == "close"  # the stopping worker serves no further request on it
+        assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{code}"
+    [(status, _, body)] = slow_answer
+    assert status == 200, body
+    assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{slow_code}"
+    # The slow swap's 3 s at Spotify, then the worker's once-a-second check that it is done:
+    # nowhere near graceful_timeout (35 s with SPOTIFY_TIMEOUT=10).
+    assert stopped_after < 6, f"took {stopped_after:.1f} s to stop"
+    assert "[ERROR]" not in output and "Traceback" not in output, output
+    assert re.search(r"closing \d+ idle connection\(s\) \(keep-alive connection or not yet used\)", output)
+
+
+@pytest.mark.parametrize("spotify_timeout, expected", [("10", 35), ("300", 615), ("0.5", 16)])
+def test_graceful_timeout_outlasts_the_longest_request_the_service_admits(spotify_timeout, expected, monkeypatch,
+                                                                          tmp_path):
+    """gunicorn.conf.py's graceful_timeout (and worker timeout): body + queue wait + Spotify call + margin."""
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    for name, value in {**BASE_CONFIG, "SPOTIFY_TIMEOUT": spotify_timeout}.items():
+        monkeypatch.setenv(name, value)
+    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    config = Config(client_id="i", client_secret="s", callback_urls=("a:b",), encryption_secrets=("x" * 16,),
+                    timeout=float(spotify_timeout))
+    assert longest_request_seconds(config) == BODY_TIMEOUT + 2 * float(spotify_timeout)
+    assert settings["graceful_timeout"] == expected >= longest_request_seconds(config) + STOP_MARGIN
+    assert settings["timeout"] >= settings["graceful_timeout"]
+    assert isinstance(settings["graceful_timeout"], int)  # gunicorn refuses a float
+
+
+def test_the_body_timeout_is_stated_once():
+    import api
+
+    assert api.BODY_TIMEOUT is BODY_TIMEOUT  # the api reads config's, as the stop's arithmetic does
+
+
+def test_the_docs_quote_the_stop_time_gunicorn_conf_computes_and_grace_periods_allow_it(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name, value in BASE_CONFIG.items():
+        monkeypatch.setenv(name, value)
+    graceful = runpy.run_path(str(ROOT / "gunicorn.conf.py"))["graceful_timeout"]
+    operations = (ROOT / "docs/operations.md").read_text()
+    assert f"**{graceful} s with\nthe default `SPOTIFY_TIMEOUT=10`**" in operations
+    deploy = (ROOT / "docs/deploy.md").read_text()
+    found = re.findall(r"--stop-timeout (\d+)|kill_timeout = (\d+)|TimeoutStopSec=(\d+)", deploy)
+    grace_periods = [int(number) for groups in found for number in groups if number]
+    assert len(grace_periods) == 3 and min(grace_periods) > graceful, grace_periods
+    assert f"({graceful} s with SPOTIFY_TIMEOUT=10" in (ROOT / "Dockerfile").read_text()
