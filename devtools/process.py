@@ -123,11 +123,13 @@ class Server:
         lines = self.output()[since:].splitlines()
         return [m.groupdict() for m in map(ACCESS_LINE.fullmatch, lines) if m]
 
-    def wait_for_access_log(self, count: int, since: int = 0, timeout: float = 10) -> list[dict[str, str]]:
-        """At least `count` request log lines after `since`; gunicorn writes each after its answer."""
+    def wait_for_access_log(self, count: int, since: int = 0, timeout: float = 10,
+                            path: str | None = None) -> list[dict[str, str]]:
+        """At least `count` request log lines after `since` (of `path` only, if given); gunicorn writes each
+        after its answer, and lines of other requests (a start-up /health) may come between."""
         deadline = time.monotonic() + timeout
         while True:
-            lines = self.access_log(since)
+            lines = [line for line in self.access_log(since) if path is None or line["path"] == path]
             if len(lines) >= count or time.monotonic() > deadline:
                 return lines
             time.sleep(0.02)
