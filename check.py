@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import spotify
 from config import Config, ConfigError, load_config
 from crypto import key_id
-from ratelimit import storage_for
+from limitstore import storage_for
 
 OK, FAIL, INFO = "ok  ", "FAIL", "info"
 

@@ -287,7 +287,11 @@ def test_a_concurrent_burst_of_junk_cannot_overshoot_the_budget(earlier_failures
 
 
 def test_real_users_from_an_address_near_its_budget_wait_their_turn_rather_than_fail():
-    """8 of 10 failures spent: 2 calls reach Spotify first, more as they succeed; none is refused."""
+    """8 of 10 failures spent: 2 calls reach Spotify first, more as they succeed; none is refused.
+
+    The first two successes make room for two more each: 4 at once next. Were each ended call to
+    let just one waiter go, the 8 would run 2 at a time.
+    """
     app = create_app({**BASE_CONFIG, "TESTING": True, "RATE_LIMIT_FAILURES": "10/hour"})
     for _ in range(8):
         assert fail_once(app.test_client(), "invalid_request").status_code == 400
@@ -296,7 +300,8 @@ def test_real_users_from_an_address_near_its_budget_wait_their_turn_rather_than_
     with responses.RequestsMock() as spotify:
         spotify.add_callback(responses.POST, TOKEN_URL, callback=tokens)
         assert swaps_at_once(app, burst, "user") == [200] * burst
-    assert 2 <= tokens.most_at_once() < burst
+    # At most 2 + the calls done, and at most the 8 - the calls done, at once: never past 5.
+    assert 4 <= tokens.most_at_once() <= 5
 
 
 def test_an_address_whose_calls_succeed_is_not_held_back():
@@ -364,23 +369,6 @@ def test_a_request_that_cannot_get_a_turn_within_spotify_timeout_is_503():
     assert second.status_code == 503
     assert second.get_json()["error"] == "temporarily_unavailable"
     assert second.headers["Retry-After"] == "1"
-
-
-def test_successes_count_over_the_current_and_the_previous_window(monkeypatch):
-    """A busy address keeps its earned room across a window's end instead of losing it all at once."""
-    now = [1000.0]
-    monkeypatch.setattr(ratelimit.time, "monotonic", lambda: now[0])
-    count = ratelimit._WindowCount(60)
-    for _ in range(3):
-        count.add("203.0.113.7")
-    now[0] += 61  # the next window: the three are the previous one's
-    count.add("203.0.113.7")
-    assert count.get("203.0.113.7") == 4
-    assert count.get("198.51.100.1") == 0
-    now[0] += 60  # one more: only the single success of the last window remains
-    assert count.get("203.0.113.7") == 1
-    now[0] += 200  # long idle: nothing is "previous" any more
-    assert count.get("203.0.113.7") == 0
 
 
 # -- the ceiling on calls to Spotify ---------------------------------------------------------
