@@ -7,6 +7,7 @@ a cheaper memory storage for memory://.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -19,6 +20,12 @@ from limits.storage.base import SlidingWindowCounterSupport, TimestampedSlidingW
 # How long a Redis command, or a connection to Redis, may take before the storage counts as down.
 # redis-py waits forever by default: a Redis that stops answering would hang every request.
 REDIS_TIMEOUT_SECONDS = 1.0
+
+# How often, at most, each process looks whether the shared storage still holds its marker.
+WATCH_SECONDS = 1.0
+# The marker's key, and how long it lives: long enough never to expire on its own.
+MARKER_KEY = "tokenswap-storage-marker"
+_MARKER_SECONDS = 10 * 365 * 24 * 3600
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "redis+unix://", "redis+sentinel://", "redis+cluster://")
 
@@ -57,6 +64,55 @@ def seconds_to_window_end(rates: str, now: float | None = None) -> float:
     """
     at = time.time() if now is None else now
     return min(item.get_expiry() - at % item.get_expiry() for item in parse_many(rates))
+
+
+class StorageWatch:
+    """Notices a shared storage that forgot its counts (Redis restarted empty, flushed, or evicting).
+
+    The storage holds one marker key, set by the first process to look. A process that has seen
+    the marker and then finds it gone sets it again; the one process whose set creates it logs a
+    WARNING, so each loss is said once per deployment, however many workers share the storage.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        logger: logging.Logger,
+        every: float = WATCH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._storage = storage
+        self._log = logger
+        self._every = every
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._due = 0.0
+        self._seen = False
+
+    def due(self) -> bool:
+        """Whether it is time to look again (at most once per `every` seconds, one caller at a time)."""
+        with self._lock:
+            now = self._clock()
+            if now < self._due:
+                return False
+            self._due = now + self._every
+            return True
+
+    def look(self) -> bool:
+        """Look at the marker now: True if the storage had forgotten it. Storage errors pass through."""
+        if self._storage.get(MARKER_KEY):
+            self._seen = True
+            return False
+        created = self._storage.incr(MARKER_KEY, _MARKER_SECONDS) == 1
+        forgot, self._seen = self._seen, True
+        if forgot and created:
+            self._log.warning(
+                "Rate limit storage forgot its counts (Redis restarted empty, was flushed, or evicted "
+                "keys): every client's failure budget, every token's refreshes and SPOTIFY_MAX_RATE "
+                "count again from zero. Make Redis persistent (appendonly yes) so that a restart "
+                "keeps them (docs/operations.md)."
+            )
+        return forgot
 
 
 class ProcessMemory(Storage, SlidingWindowCounterSupport, TimestampedSlidingWindow):

@@ -24,7 +24,7 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from addresses import canonical_address
 from admission import Admission, WindowCount
 from config import Config
-from limitstore import ProcessMemory, storage_for
+from limitstore import ProcessMemory, StorageWatch, storage_for
 
 T = TypeVar("T")
 
@@ -182,13 +182,13 @@ class Limits:
         self._failures: list[RateLimitItem] = parse_many(failures) if failures else []
         self._ceilings: list[RateLimitItem] = parse_many(ceiling) if ceiling else []
         self._per_token: list[RateLimitItem] = parse_many(per_token) if per_token else []
-        self._counter = SlidingWindowCounterRateLimiter(storage_for(storage_uri))
+        storage = storage_for(storage_uri)
+        self._counter = SlidingWindowCounterRateLimiter(storage)
+        shared = not storage_uri.startswith("memory://")
         # A shared storage that stops answering must not take the service down: count in this
-        # process's memory meanwhile.
-        self._fallback = (
-            None if storage_uri.startswith("memory://")
-            else SlidingWindowCounterRateLimiter(ProcessMemory())
-        )
+        # process's memory meanwhile. One that forgets its counts is said in the log.
+        self._fallback = SlidingWindowCounterRateLimiter(ProcessMemory()) if shared else None
+        self._watch = StorageWatch(storage, logger) if shared else None
         self._storage_lock = threading.Lock()
         self._storage_down_until = 0.0
         # Successful calls per client in this process, one count per failure limit over a window
@@ -310,5 +310,10 @@ class Limits:
                 if probing:
                     with self._storage_lock:
                         self._storage_down_until = 0.0
+                if self._watch is not None and self._watch.due():
+                    try:
+                        self._watch.look()
+                    except Exception:  # an outage: the next operation meets it, and says so
+                        pass
                 return result
         return operation(self._fallback)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,15 @@ from limits.storage import RedisClusterStorage, RedisSentinelStorage, RedisStora
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from devtools.process import free_port
-from limitstore import REDIS_TIMEOUT_SECONDS, ProcessMemory, seconds_to_window_end, storage_for, storage_options
+from limitstore import (
+    REDIS_TIMEOUT_SECONDS,
+    ProcessMemory,
+    StorageWatch,
+    seconds_to_window_end,
+    storage_for,
+    storage_options,
+)
+from ratelimit import Limits, Refused
 
 TIMEOUTS = {"socket_connect_timeout": REDIS_TIMEOUT_SECONDS, "socket_timeout": REDIS_TIMEOUT_SECONDS}
 
@@ -130,7 +139,11 @@ def start_redis(*args: str) -> tuple[subprocess.Popen[bytes], int]:
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[int]:
     """A one-node Redis cluster holding every slot, on a free 127.0.0.1 port."""
-    process, port = start_redis("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"))
+    # The cluster bus needs a port of its own (by default the port + 10000, which may not exist).
+    process, port = start_redis(
+        "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),
+        "--cluster-port", str(free_port()),
+    )
     try:
         with redis.Redis(port=port) as node:
             node.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
@@ -169,3 +182,104 @@ def test_a_redis_that_stops_answering_is_given_up_on_within_the_timeout():
         process.send_signal(signal.SIGCONT)
         process.terminate()
         process.wait(10)
+
+
+# -- a storage that forgot its counts ---------------------------------------------------------------
+
+
+class RedisOnPort:
+    """A redis-server on one free 127.0.0.1 port that can be restarted on the same port."""
+
+    def __init__(self, *args: str):
+        self._args = args
+        self.process, self.port = start_redis(*args)
+
+    def restart(self) -> None:
+        self.stop()
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *self._args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        with redis.Redis(port=self.port) as probe:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    probe.ping()
+                    return
+                except redis.ConnectionError:
+                    assert self.process.poll() is None and time.monotonic() < deadline, "redis-server did not restart"
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def restartable_redis() -> Iterator[RedisOnPort]:
+    server = RedisOnPort()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def forgot_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "forgot its counts" in r.getMessage()]
+
+
+def test_a_redis_restarted_empty_is_said_once_by_one_of_the_processes_sharing_it(restartable_redis, caplog):
+    uri = f"redis://127.0.0.1:{restartable_redis.port}"
+    logger = logging.getLogger("test.storage")
+    clock = [0.0]
+    watches = [StorageWatch(storage_for(uri), logger, clock=lambda: clock[0]) for _ in range(3)]
+    assert not any(watch.look() for watch in watches)  # a fresh Redis: nothing was forgotten
+    restartable_redis.restart()
+    saw = [watch.look() for watch in watches]
+    assert saw == [True, False, False]  # the others find the marker the first one set again
+    [warning] = forgot_warnings(caplog)
+    assert warning.levelno == logging.WARNING
+    assert "appendonly" in warning.getMessage() and "SPOTIFY_MAX_RATE" in warning.getMessage()
+    assert not any(watch.look() for watch in watches)
+    assert len(forgot_warnings(caplog)) == 1
+
+
+def test_a_redis_restarted_with_its_data_is_not_said(tmp_path, caplog):
+    server = RedisOnPort("--appendonly", "yes", "--dir", str(tmp_path))
+    try:
+        watch = StorageWatch(storage_for(f"redis://127.0.0.1:{server.port}"), logging.getLogger("test.storage"))
+        assert not watch.look()
+        server.restart()
+        assert not watch.look()
+    finally:
+        server.stop()
+    assert not forgot_warnings(caplog)
+
+
+def test_the_watch_looks_at_most_once_a_second():
+    clock = [100.0]
+    watch = StorageWatch(ProcessMemory(), logging.getLogger("test.storage"), clock=lambda: clock[0])
+    assert watch.due() and not watch.due()
+    clock[0] += 0.5
+    assert not watch.due()
+    clock[0] += 0.5
+    assert watch.due()
+
+
+def test_limits_say_a_restarted_redis_forgot_the_budgets(restartable_redis, caplog):
+    limits = Limits("3/hour", None, f"redis://127.0.0.1:{restartable_redis.port}")
+    for _ in range(3):
+        limits.count_failure("203.0.113.9")
+    with pytest.raises(Refused):
+        limits.check("203.0.113.9")
+    restartable_redis.restart()
+    deadline = time.monotonic() + 10
+    while not forgot_warnings(caplog):  # the watch looks at most once a second, as the limits are used
+        assert time.monotonic() < deadline, "the forgotten counts were never said"
+        limits.check("203.0.113.9")
+        time.sleep(0.05)
+    limits.check("203.0.113.9")  # what the warning says: the budget starts again
+    assert len(forgot_warnings(caplog)) == 1
