@@ -102,6 +102,43 @@ def init_app(app: Flask, config: Config) -> None:
             limits.release(key)
 
 
+def memory_storage_warning(config: Config, workers: int) -> str | None:
+    """The start-up warning when memory:// storage multiplies the limits by the workers; None if it does not.
+
+    Each worker counts on its own, so every limit it keeps (the failure budget, a token's
+    refreshes, the ceiling on calls to Spotify) is `workers` times itself on each instance.
+    """
+    if workers <= 1 or not config.rate_limit_storage_uri.startswith("memory://"):
+        return None
+    counts = [
+        ("a client's failure budget", "RATE_LIMIT_FAILURES", config.rate_limit_failures),
+        ("a token's refreshes", "RATE_LIMIT_PER_TOKEN", config.rate_limit_per_token),
+        ("the calls to Spotify", "SPOTIFY_MAX_RATE", config.spotify_max_rate),
+    ]
+    parts = [
+        f"{what} up to {workers} x {name} ({_rates(value, 1)}) = {_rates(value, workers)}"
+        for what, name, value in counts
+        if value
+    ]
+    if not parts:
+        return None
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return (
+        f"RATE_LIMIT_STORAGE_URI is memory://: each of the {workers} workers counts on its own, so on each "
+        f"instance {listed}. Set RATE_LIMIT_STORAGE_URI to a Redis URL to count them once."
+    )
+
+
+def _rates(value: str, times: int) -> str:
+    # Written out, not as the variable's own text: gunicorn's logger cuts a value at ";" (a code
+    # could follow one in a request line), and several windows are joined with ";".
+    return ", ".join(
+        f"{times * item.amount} per "
+        + (item.GRANULARITY.name if item.multiples == 1 else f"{item.multiples} {item.GRANULARITY.name}s")
+        for item in parse_many(value)
+    )
+
+
 def admit(refresh_token: str | None = None) -> None:
     """Before a call to Spotify for this request: raise Refused, or let it go (counted in flight).
 
