@@ -22,12 +22,12 @@ import requests
 import responses
 from flask.testing import FlaskClient
 
-import ratelimit
 from app import create_app
 from crypto import TokenSealer
 from tests.conftest import BASE_CONFIG, SECRET, TOKEN_URL, server_env
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import Server, free_port
+from limitstore import seconds_to_window_end
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
 SUCCESS_ROOM = 10
@@ -47,7 +47,7 @@ def _whole_window() -> None:
     The in-memory sliding window starts on the hour: a test that straddled it would see its
     earlier failures weigh a little less than one each, and one more failure would get through.
     """
-    left = 3600 - time.time() % 3600
+    left = seconds_to_window_end("1/hour")
     if left < 15:  # the longest test here takes a few seconds
         time.sleep(left + 0.5)
 
