@@ -237,22 +237,28 @@ def test_health_and_preflight_are_never_limited_nor_counted():
     assert client.options("/refresh", headers=preflight).status_code in (200, 204)
 
 
-def slow_answer(status: int, body: str, seconds: float = 0.3):
+class slow_answer:  # noqa: N801  (used as a function: a responses callback)
     """A responses callback: Spotify answering after `seconds`, noting how many calls overlapped."""
-    state = {"now": 0, "most": 0}
-    lock = threading.Lock()
 
-    def answer(_request):
-        with lock:
-            state["now"] += 1
-            state["most"] = max(state["most"], state["now"])
-        time.sleep(seconds)
-        with lock:
-            state["now"] -= 1
-        return status, {}, body
+    def __init__(self, status: int, body: str, seconds: float = 0.3):
+        self._answer: tuple[int, dict[str, str], str] = (status, {}, body)
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._now = self._most = 0
 
-    answer.most_at_once = lambda: state["most"]
-    return answer
+    def __call__(self, _request: object) -> tuple[int, dict[str, str], str]:
+        with self._lock:
+            self._now += 1
+            self._most = max(self._most, self._now)
+        time.sleep(self._seconds)  # Spotify's answer time
+        with self._lock:
+            self._now -= 1
+        return self._answer
+
+    def most_at_once(self) -> int:
+        """The most calls that were being answered at one time."""
+        with self._lock:
+            return self._most
 
 
 def swaps_at_once(app, count: int, prefix: str) -> list[int]:
