@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from urllib.parse import urlsplit
 
 import spotify
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, load_config, redacted_url
 from crypto import key_id
-from ratelimit import storage_for
+from limitstore import storage_for
 
 OK, FAIL, INFO = "ok  ", "FAIL", "info"
 
@@ -32,7 +31,7 @@ def _spotify_credentials(config: Config, echo: Callable[[str], None]) -> bool:
     client = spotify.AccountsClient(
         config.client_id, config.client_secret, config.accounts_url, config.timeout, pool_size=1
     )
-    where = f"at {client.token_url}"
+    where = f"at {redacted_url(client.token_url)}"  # an egress proxy's user and password stay unshown
     try:
         client.client_credentials()
     except spotify.CredentialsRefused as err:
@@ -54,9 +53,7 @@ def _spotify_credentials(config: Config, echo: Callable[[str], None]) -> bool:
 
 def _storage(config: Config, echo: Callable[[str], None]) -> bool:
     uri = config.rate_limit_storage_uri
-    # Scheme, host and port only: a Redis URL may hold a password.
-    parts = urlsplit(uri)
-    shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+    shown = redacted_url(uri)  # a Redis URL may hold a password
     try:
         answered = storage_for(uri).check()
     except Exception as err:  # a storage that cannot even be built from the URL

@@ -92,10 +92,56 @@ def _is_http_url(value: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+def redacted_url(url: str) -> str:
+    """The URL as it may be shown (page, `check`, logs): no user name, password, query or fragment.
+
+    Everything up to the last "@" is dropped, wherever it is: a password holding an unencoded "/",
+    "?" or "#" moves the "@" out of what a URL parser calls the host, and must not show either.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "(not a URL)"
+    rest = rest.rpartition("@")[2]
+    return f"{scheme}://{re.split(r'[?#]', rest, maxsplit=1)[0]}"
+
+
 def _base_url(name: str, value: str, problems: list[str]) -> str:
     if not _is_http_url(value):
-        problems.append(f"{name}={value!r} is not an http(s) URL: leave it unset for Spotify")
+        problems.append(f"{name}={redacted_url(value)!r} is not an http(s) URL: leave it unset for Spotify")
     return value.rstrip("/")
+
+
+STORAGE_URI_ENCODING_HINT = (
+    "if its user name or password holds any of / # ? @ : % or a space, percent-encode each "
+    "(/ as %2F, # as %23, ? as %3F, @ as %40, : as %3A, % as %25, a space as %20), e.g. with "
+    "python3 -c \"import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=''))\" 'the-password'"
+)
+
+
+def _storage_uri_parses(uri: str) -> bool:
+    # What redis-py and limits will make of it: one host (or several, for sentinels and clusters)
+    # with numeric ports after the credentials, a database number or a service name as the path.
+    scheme = uri.partition("://")[0]
+    if "#" in uri:  # no storage URI has a fragment: a "#" is a password's, cut short
+        return False
+    try:
+        parts = urlsplit(uri)
+        hosts = parts.netloc.rpartition("@")[2]
+        if scheme == "redis+unix":
+            return not hosts and parts.path.startswith("/") and "@" not in parts.path
+        if not hosts:
+            return False
+        for location in hosts.split(","):
+            sub = urlsplit(f"//{location.strip()}")
+            if not sub.hostname or (sub.port is None and scheme != "redis" and scheme != "rediss"):
+                return False
+    except ValueError:  # a port that is no number: the first part of a password, as a rule
+        return False
+    if scheme in ("redis", "rediss"):
+        return "," not in hosts and re.fullmatch(r"/?\d*", parts.path) is not None
+    if scheme == "redis+sentinel":
+        return re.fullmatch(r"/[^/@]+/?", parts.path) is not None
+    return parts.path in ("", "/")
 
 
 def _check_rate(name: str, value: str, problems: list[str]) -> str | None:
@@ -201,6 +247,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     if not re.match(r"^(memory|redis|rediss|redis\+unix|redis\+sentinel|redis\+cluster)://", storage_uri):
         problems.append(
             "RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// (got a value with another scheme)"
+        )
+    elif not storage_uri.startswith("memory://") and not _storage_uri_parses(storage_uri):
+        # Never the value: what does not parse is most likely a password.
+        problems.append(
+            f"RATE_LIMIT_STORAGE_URI does not parse as a {storage_uri.partition('://')[0]}:// URL "
+            f"(e.g. redis://:password@host:6379/0): {STORAGE_URI_ENCODING_HINT}"
         )
 
     client_credentials = Config.client_credentials

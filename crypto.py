@@ -140,6 +140,9 @@ class TokenSealer:
             if kid in self._keys:
                 raise ValueError("two secrets share a key id; use distinct secrets")
             self._keys[kid] = (_derive(secret, b"v1 aes-256-gcm key", 32), position > 0)
+        # Opens a token whose key id is not listed, so that refusing it costs what refusing a
+        # listed one with a bad tag costs: the answer's time does not tell which key ids are listed.
+        self._decoy = get_random_bytes(32)
         self._kid = key_id(secrets[0])
         self._key = self._keys[self._kid][0]
         self._header = bytes([VERSION]) + self._kid
@@ -172,10 +175,8 @@ class TokenSealer:
         if len(data) < MIN_TOKEN_SIZE or data[0] != VERSION:
             raise InvalidToken
         header, kid = data[:HEADER_SIZE], data[1:HEADER_SIZE]
-        try:
-            key, old = self._keys[kid]
-        except KeyError:
-            raise InvalidToken from None
+        listed = self._keys.get(kid)
+        key, old = listed if listed is not None else (self._decoy, False)
         nonce = data[HEADER_SIZE : HEADER_SIZE + NONCE_SIZE]
         cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_SIZE)
         cipher.update(header + self._client_id)
@@ -183,6 +184,8 @@ class TokenSealer:
             plaintext = cipher.decrypt_and_verify(
                 data[HEADER_SIZE + NONCE_SIZE : -TAG_SIZE], data[-TAG_SIZE:]
             )
+            if listed is None:  # the decoy key is nobody's: its tag checks fail (but for 2^-128)
+                raise InvalidToken
             return Opened(plaintext.decode("utf-8"), needs_reseal=old)
         except (ValueError, UnicodeDecodeError):
             raise InvalidToken from None

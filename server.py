@@ -22,6 +22,7 @@ from greenlet import greenlet
 from gunicorn import glogging, util
 from gunicorn.workers.ggevent import GeventWorker
 
+import ratelimit
 from config import load_config
 
 if TYPE_CHECKING:
@@ -229,21 +230,6 @@ def when_ready(arbiter: Arbiter) -> None:
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     log.info("Open-file limit %s: each of the %s workers serves up to %s connections at once",
              open_files, cfg.workers, cfg.worker_connections)
-    config = load_config()
-    failures = config.rate_limit_failures
-    if cfg.workers > 1 and failures and config.rate_limit_storage_uri.startswith("memory://"):
-        from limits import parse_many
-
-        def budget(times: int) -> str:
-            # Written out, not as the variable's own text: the logger cuts a value at ";" (a code
-            # could follow one in a request line), and several windows are joined with ";".
-            return ", ".join(
-                f"{times * item.amount} per "
-                + (item.GRANULARITY.name if item.multiples == 1 else f"{item.multiples} {item.GRANULARITY.name}s")
-                for item in parse_many(failures)
-            )
-
-        log.warning("RATE_LIMIT_STORAGE_URI is memory://: each of the %s workers counts failures on its "
-                    "own, so a client's failure budget is up to %s x RATE_LIMIT_FAILURES (%s) = %s on each "
-                    "instance. Set RATE_LIMIT_STORAGE_URI to a Redis URL to count them once.",
-                    cfg.workers, cfg.workers, budget(1), budget(cfg.workers))
+    warning = ratelimit.memory_storage_warning(load_config(), cfg.workers)
+    if warning:
+        log.warning("%s", warning)

@@ -16,9 +16,8 @@ import pytest
 import responses
 
 import ratelimit
-from app import create_app
+from addresses import canonical_address
 from crypto import TokenSealer
-from ratelimit import canonical_address
 from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
 from devtools.fake_accounts import CLIENT_ID, FakeAccounts
 from devtools.process import Server
@@ -219,73 +218,3 @@ def test_a_burst_of_junk_after_many_successes_stays_within_the_budget_plus_succe
             reached = len(fake.requests)
     assert 5 <= reached <= 5 + SUCCESS_ROOM, (reached, statuses)
     assert statuses[400] == reached and statuses[429] + statuses[503] == 100 - reached
-
-
-# -- the memory:// storage -------------------------------------------------------------------------
-
-
-def test_process_memory_decides_as_limits_memory_storage_does(monkeypatch):
-    """The same sliding-window decisions as limits' MemoryStorage, at the same instants."""
-    import limits.storage.memory
-    from limits import parse
-    from limits.strategies import SlidingWindowCounterRateLimiter
-
-    now = [1_700_000_000.0]
-    monkeypatch.setattr(ratelimit.time, "time", lambda: now[0])
-    monkeypatch.setattr(limits.storage.memory.time, "time", lambda: now[0])
-    ours = SlidingWindowCounterRateLimiter(ratelimit.ProcessMemory())
-    reference = limits.storage.memory.MemoryStorage()
-    theirs = SlidingWindowCounterRateLimiter(reference)
-    item = parse("5/minute")
-    decisions = []
-    try:
-        for step in [0, 1, 1, 2, 3, 5, 20, 30, 31, 35, 50, 59, 61, 62, 70, 90, 119, 121, 150, 181, 240, 241, 400]:
-            now[0] += step
-            for key in ("a", "b"):
-                decisions.append((ours.hit(item, key), theirs.hit(item, key)))
-                assert ours.get_window_stats(item, key).remaining == theirs.get_window_stats(item, key).remaining
-    finally:
-        reference.timer.cancel()
-    assert all(a == b for a, b in decisions), decisions
-    assert {a for a, _ in decisions} == {True, False}
-
-
-def test_process_memory_forgets_expired_keys(monkeypatch):
-    now = [1_700_000_000.0]
-    monkeypatch.setattr(ratelimit.time, "time", lambda: now[0])
-    storage = ratelimit.ProcessMemory()
-    for n in range(1000):
-        storage.incr(f"token-{n}", 60)
-    assert storage.get("token-7") == 1
-    now[0] += 61
-    assert storage.get("token-7") == 0  # expired as it is read
-    storage.incr("fresh", 60)  # and the rest swept, at most once a second
-    assert storage.reset() == 1
-
-
-def test_requests_waiting_for_a_turn_are_served_first_come_first_served():
-    """Past its room, a client's requests queue; each call that ends hands the first one its turn,
-    and a request that arrives later does not pass them (once, it could wait out SPOTIFY_TIMEOUT)."""
-    limits = ratelimit.Limits("2/hour", None, wait=10)
-    limits.count_failure("client")  # one failure left: room for one call at a time
-    limits.admit("client")
-    order: list[int] = []
-
-    def take_turn(n: int) -> None:
-        limits.admit("client")
-        order.append(n)
-        limits.release("client")
-
-    threads = []
-    for n in range(5):
-        threads.append(threading.Thread(target=take_turn, args=(n,)))
-        threads[-1].start()
-        deadline = time.monotonic() + 10
-        while len(limits._queues.get("client", ())) < n + 1:
-            assert time.monotonic() < deadline, "the request did not queue"
-            time.sleep(0.005)
-    limits.release("client")
-    for thread in threads:
-        thread.join(10)
-    assert order == [0, 1, 2, 3, 4]
-    assert "client" not in limits._queues

@@ -83,16 +83,24 @@ def warnings_at_start(fake_url: str, **env: str) -> list[str]:
 def test_memory_storage_with_two_workers_counting_failures_warns_with_the_budget_a_client_gets(fake_accounts):
     [warning] = warnings_at_start(fake_accounts.url, RATE_LIMIT_FAILURES="60/minute")
     assert warning.endswith(
-        "RATE_LIMIT_STORAGE_URI is memory://: each of the 2 workers counts failures on its own, so a client's "
-        "failure budget is up to 2 x RATE_LIMIT_FAILURES (60 per minute) = 120 per minute on each instance. "
+        "RATE_LIMIT_STORAGE_URI is memory://: each of the 2 workers counts on its own, so on each instance a "
+        "client's failure budget up to 2 x RATE_LIMIT_FAILURES (60 per minute) = 120 per minute. "
         "Set RATE_LIMIT_STORAGE_URI to a Redis URL to count them once."
     )
+
+
+def test_the_warning_names_every_count_memory_storage_multiplies(fake_accounts):
+    [warning] = warnings_at_start(fake_accounts.url, RATE_LIMIT_FAILURES="60/minute", RATE_LIMIT_PER_TOKEN="5/minute",
+                                  SPOTIFY_MAX_RATE="50/second")
+    assert "a client's failure budget up to 2 x RATE_LIMIT_FAILURES (60 per minute) = 120 per minute" in warning
+    assert "a token's refreshes up to 2 x RATE_LIMIT_PER_TOKEN (5 per minute) = 10 per minute" in warning
+    assert "the calls to Spotify up to 2 x SPOTIFY_MAX_RATE (50 per second) = 100 per second" in warning
 
 
 def test_the_warning_names_every_window_of_the_failure_limit(fake_accounts):
     [warning] = warnings_at_start(fake_accounts.url, WEB_CONCURRENCY="3", RATE_LIMIT_FAILURES="5/second;100 per 2 hours")
     assert "each of the 3 workers" in warning
-    assert "up to 3 x RATE_LIMIT_FAILURES (5 per second, 100 per 2 hours) = 15 per second, 300 per 2 hours on" in warning
+    assert "up to 3 x RATE_LIMIT_FAILURES (5 per second, 100 per 2 hours) = 15 per second, 300 per 2 hours." in warning
 
 
 @pytest.mark.parametrize(
