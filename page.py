@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, Response, current_app, render_template, request
 from markupsafe import Markup, escape
 
-from config import Config
+from config import Config, redacted_url
 
 # Where a Spotify app's redirect URIs are registered.
 DASHBOARD_URL = "https://developer.spotify.com/dashboard"
@@ -31,7 +31,7 @@ def _config() -> Config:
 
 
 def _origin(url: str) -> str:
-    parts = urlsplit(url)
+    parts = urlsplit(redacted_url(url))
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -53,8 +53,9 @@ def _page() -> str:
         ),
         client_id=config.client_id,
         callback_urls=config.callback_urls,
-        accounts_url=config.accounts_url,
-        api_url=config.api_url,
+        # Credentials in these URLs (for an egress proxy) are the operator's, never the public's.
+        accounts_url=redacted_url(config.accounts_url),
+        api_url=redacted_url(config.api_url),
         stand_in=config.accounts_url != Config.accounts_url or config.api_url != Config.api_url,
         dashboard_url=DASHBOARD_URL,
         scope=SCOPE,

@@ -191,3 +191,14 @@ def test_urls_on_the_page_may_wrap_after_slashes_and_commas_only():
     assert "<li><code>myapp://<wbr>spotify-login-callback</code>" in text
     # Escaped as before; the break after "&" comes after its entity, never inside it.
     assert "<code>http://<wbr>localhost/<wbr>callback?<wbr>a=1&amp;<wbr>b=2</code>" in text
+
+
+def test_credentials_in_the_spotify_urls_never_reach_the_page():
+    client = page_client(SPOTIFY_CLIENT_CALLBACK_URL=PAGE_CALLBACK, SPOTIFY_ACCOUNTS_URL="http://proxy-user:s3cr3t-pw@127.0.0.1:9",
+                         SPOTIFY_API_URL="https://api-user:4p1-pw@api.example.com")
+    response = client.get("/")
+    shown = response.get_data(as_text=True) + str(response.headers)
+    for secret in ("proxy-user", "s3cr3t-pw", "api-user", "4p1-pw"):
+        assert secret not in shown
+    assert 'data-accounts-url="http://127.0.0.1:9"' in shown
+    assert "connect-src 'self' https://api.example.com;" in response.headers["Content-Security-Policy"]
