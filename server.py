@@ -100,6 +100,14 @@ class Logger(glogging.Logger):
         super().exception(redacted(msg), *map(redacted, args), **kwargs)
 
 
+# The bounds on a request's head (gunicorn.conf.py's limit_request_* settings): gunicorn reads at most
+# LIMIT_REQUEST_FIELDS x (LIMIT_REQUEST_FIELD_SIZE + 2) + 4 bytes of header fields after the request
+# line, then answers 431. MAX_HEAD_BYTES is that whole: about 64 KB.
+LIMIT_REQUEST_LINE = 4094  # gunicorn's default; a longer URL is a 414
+LIMIT_REQUEST_FIELDS = 40
+LIMIT_REQUEST_FIELD_SIZE = 1536
+MAX_HEAD_BYTES = LIMIT_REQUEST_LINE + 2 + LIMIT_REQUEST_FIELDS * (LIMIT_REQUEST_FIELD_SIZE + 2) + 4
+
 # How long a stopping worker keeps answering requests that arrive on its open connections (each answer
 # then closes its connection) before it closes the idle ones. A load balancer that reuses idle
 # connections must never send a request on one at the moment it is closed (it would answer its client
