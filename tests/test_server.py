@@ -131,3 +131,30 @@ def test_300_connections_holding_unfinished_heads_leave_health_under_a_second(bo
     finally:
         for sock in held.values():
             sock.close()
+
+
+# -- the access line's client field --------------------------------------------------------------
+
+
+def test_the_access_lines_client_field_is_bounded_and_escaped():
+    """Behind a proxy the client is X-Forwarded-For's, the client's to fill: never logged whole or raw."""
+    # As long as a header field may be (the head's bounds); a tab and a byte beyond ASCII in it.
+    forged = '6.6.6.6 "POST /swap" 200 1 1ms\t' + "x" * 1400 + "\xe9"
+    with FakeAccounts() as fake, Server(server_env(fake.url, TRUSTED_PROXIES="1")) as running:
+        since = len(running.output())
+        for value in (forged, "203.0.113.9"):
+            response = requests.get(running.url + "/health", headers={**CLOSE, "X-Forwarded-For": value}, timeout=10)
+            assert response.status_code == 200
+        lines = running.wait_for_access_log(2, since)
+        output = running.output()[since:]
+    assert [line["client"] for line in lines] == [server.client_field(forged), "203.0.113.9"]
+    assert len(lines[0]["client"]) <= 4 * server.CLIENT_FIELD_LENGTH + 3
+    assert "x" * 46 not in output and '6.6.6.6 "POST' not in output
+    assert max(len(line) for line in output.splitlines()) < 300
+
+
+def test_client_field_keeps_addresses_and_escapes_the_rest():
+    for address in ("203.0.113.9", "2001:db8::1", "fe80::1%eth0", "::ffff:192.0.2.1", "-"):
+        assert server.client_field(address) == address
+    assert server.client_field("a b\"c\n\u00e9") == 'a\\x20b\\x22c\\n\\xe9'
+    assert server.client_field("y" * 8000) == "y" * 45 + "..."
