@@ -63,6 +63,14 @@ timeout = graceful_timeout
 # send a request on a connection gunicorn is closing (docs/deploy-vm.md).
 keepalive = 95
 
+# A request's head is bounded: its line, and at most 40 header fields of at most 1.5 KB each, about
+# 64 KB in all (gunicorn's defaults let 100 fields of 8 KB, ~800 KB, be read and parsed). Browsers send
+# ~20 fields, platform routers add up to ~10, SDKs a handful; no field this service reads is long.
+# Past a limit gunicorn answers a JSON 431 (414 for the line) and closes (docs/deploy-vm.md).
+limit_request_line = server.LIMIT_REQUEST_LINE
+limit_request_fields = server.LIMIT_REQUEST_FIELDS
+limit_request_field_size = server.LIMIT_REQUEST_FIELD_SIZE
+
 # gunicorn 27's control socket sits at one fixed path per user: two servers on one machine would
 # fight over it, and a read-only container home cannot hold it. Nothing here uses it.
 control_socket_disable = True

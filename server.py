@@ -9,6 +9,7 @@ arrived finish, its body included (docs/operations.md, "Stopping").
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import socket
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from greenlet import greenlet
 from gunicorn import glogging, util
+from gunicorn.workers.base import Worker as BaseWorker
 from gunicorn.workers.ggevent import GeventWorker
 
 import ratelimit
@@ -44,6 +46,22 @@ _AFTER_PATH = re.compile(r"[?#;]\S*")
 def redacted(value: object) -> object:
     """A logged string with whatever follows a path (query, fragment, path parameters) replaced by '...'."""
     return _AFTER_PATH.sub("...", value) if isinstance(value, str) else value
+
+
+# The longest address a client field can hold (an IPv6 address with an IPv4 tail and a zone), as the
+# rate limits' warning line cuts an X-Forwarded-For entry that is no address.
+CLIENT_FIELD_LENGTH = 45
+
+
+def client_field(value: str) -> str:
+    """The access line's client: an address as it is; anything else (a proxy's X-Forwarded-For entry is the
+    client's to fill) escaped into one field of printable ASCII with no space or quote, cut at 45 characters."""
+    if len(value) <= CLIENT_FIELD_LENGTH and value.isascii() and value.isprintable() \
+            and " " not in value and '"' not in value:
+        return value
+    cut = value[:CLIENT_FIELD_LENGTH]
+    escaped = cut.encode("unicode_escape").decode("ascii").replace(" ", "\\x20").replace('"', "\\x22")
+    return escaped + ("..." if len(value) > CLIENT_FIELD_LENGTH else "")
 
 
 def _escaped(value: Any) -> Any:
@@ -74,7 +92,7 @@ class Logger(glogging.Logger):
             # copies every header and environ entry and formats a date, for each request.
             status = str(resp.status).split(None, 1)[0]
             atoms: _AtomsDict = {
-                "h": environ.get("REMOTE_ADDR", "-"),
+                "h": client_field(environ.get("REMOTE_ADDR") or "-"),
                 "m": environ.get("REQUEST_METHOD"),
                 "U": environ.get("PATH_INFO"),
                 "s": status,
@@ -83,6 +101,7 @@ class Logger(glogging.Logger):
             }
         else:
             atoms = super().atoms(resp, req, environ, request_time)
+            atoms["h"] = client_field(atoms.get("h") or "-")
         path, line = atoms.get("U"), atoms.get("r")
         if path is not None:
             atoms["U"] = _AFTER_PATH.sub("...", path)
@@ -99,27 +118,49 @@ class Logger(glogging.Logger):
         super().exception(redacted(msg), *map(redacted, args), **kwargs)
 
 
+# The bounds on a request's head (gunicorn.conf.py's limit_request_* settings): gunicorn reads at most
+# LIMIT_REQUEST_FIELDS x (LIMIT_REQUEST_FIELD_SIZE + 2) + 4 bytes of header fields after the request
+# line, then answers 431. MAX_HEAD_BYTES is that whole: about 64 KB.
+LIMIT_REQUEST_LINE = 4094  # gunicorn's default; a longer URL is a 414
+LIMIT_REQUEST_FIELDS = 40
+LIMIT_REQUEST_FIELD_SIZE = 1536
+MAX_HEAD_BYTES = LIMIT_REQUEST_LINE + 2 + LIMIT_REQUEST_FIELDS * (LIMIT_REQUEST_FIELD_SIZE + 2) + 4
+
+# How long a stopping worker keeps answering requests that arrive on its open connections (each answer
+# then closes its connection) before it closes the idle ones. A load balancer that reuses idle
+# connections must never send a request on one at the moment it is closed (it would answer its client
+# 502, never retrying a POST): deploy/nginx.conf closes its idle connections to the service after 2 s
+# (its upstream keepalive_timeout), so by the end of the drain every connection nginx still holds has
+# been used since the stop began, and was closed by the answer. Far shorter than every platform's
+# grace period (docs/operations.md, "Stopping").
+DRAIN_SECONDS = 3.0
+
+
 class _Stopping(Exception):
     """Thrown into a connection's greenlet that waits for a request when the worker stops."""
 
 
 class Worker(GeventWorker):
-    """gunicorn's gevent worker (the `worker_class` setting), which closes idle connections at once on a stop.
+    """gunicorn's gevent worker (the `worker_class` setting), whose stop a load balancer never sees as an error.
 
+    On SIGTERM (or when its master is gone) it stops accepting connections (gunicorn does, within a
+    second); for DRAIN_SECONDS it keeps answering requests that arrive on its open connections, each
+    answer saying `Connection: close`; then it closes the connections still waiting for a request.
     gunicorn waits for every connection's greenlet before a worker exits, and one waiting for a request
-    (idle after an answer, or opened and never used, as browsers and load balancers pre-connect) waits up
-    to `keepalive`. Each connection is known from the moment it is accepted (handle); while it waits for
-    a request's headers it is listed as waiting (timeout_ctx, which gunicorn enters for exactly that
-    wait). On a stop, each waiting connection's wait ends as if its keep-alive time had run out, which
-    gunicorn treats as a quiet end of the connection: nothing logged. A request whose headers have
-    arrived is no longer waiting: it runs to its end, body and answer included, and its answer says
-    `Connection: close`, so no client sends another request on a connection about to close.
+    (idle after an answer, or opened and never used, as browsers and load balancers pre-connect) would
+    wait up to `keepalive`. Each connection is known from the moment it is accepted (handle); while it
+    waits for a request's headers it is listed as waiting (timeout_ctx, which gunicorn enters for exactly
+    that wait). Each waiting connection's wait ends as if its keep-alive time had run out, which gunicorn
+    treats as a quiet end of the connection: nothing logged. A request whose headers have arrived is
+    not waiting: it runs to its end, body and answer included, within graceful_timeout.
     """
 
     def init_process(self) -> None:
         self.connections: set[socket.socket] = set()
         self.waiting: set[greenlet] = set()
         self.requests: set[Request] = set()
+        self.stopping = False  # the stop has begun
+        self.drained = False  # the drain is over: a connection waiting for a request is closed
         # THE one patch of gunicorn's internals (pinned gunicorn==27.0.1): gunicorn answers a request it
         # cannot parse (bad request line or header, URL or headers too long) itself, with an HTML page that
         # echoes the input, through gunicorn.util.write_error; no setting or hook reaches that answer. The
@@ -147,20 +188,48 @@ class Worker(GeventWorker):
         return _WaitForRequest(self)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """SIGTERM: gunicorn's graceful stop, and the connections waiting for a request closed at once."""
+        """SIGTERM: gunicorn's graceful stop, with a drain."""
         super().handle_exit(sig, frame)
-        # A signal handler must not block: the closing is done by a greenlet of its own.
-        gevent.spawn(self.close_waiting)
+        self.stop()
+
+    def notify(self) -> None:
+        """The heartbeat, once a second. gunicorn's gevent worker exits at once when its master is gone
+        (killed), cutting off the requests it holds: this one stops as on SIGTERM instead."""
+        if self.ppid != os.getppid():
+            if not self.stopping:
+                self.log.info("Master gone (was pid %s): stopping, requests in progress finish", self.ppid)
+                self.alive = False
+                self.stop()
+            BaseWorker.notify(self)
+        else:
+            super().notify()
+
+    def stop(self) -> None:
+        """Begin the stop: answers from now on close their connection; idle ones close after the drain."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for req in self.requests:
+            req.force_close()  # gunicorn marks the requests that begin from now on itself
+        # Called from a signal handler, which must not block: the drain is a greenlet of its own.
+        gevent.spawn(self.drain)
+
+    def drain(self) -> None:
+        """Wait DRAIN_SECONDS (less once no connection is open), then close the idle connections."""
+        self.log.info("Stopping with %d connection(s) open: answering them with Connection: close for %s s",
+                      len(self.connections), DRAIN_SECONDS)
+        with gevent.Timeout(DRAIN_SECONDS, False):  # type: ignore[arg-type]  # as in _WaitForRequest
+            while self.connections:
+                gevent.sleep(0.05)
+        self.close_waiting()
 
     def close_waiting(self) -> None:
         """End the wait of each connection that waits for a request; the others finish their request,
         whose answer closes its connection (`Connection: close`)."""
-        for req in self.requests:
-            req.force_close()
+        self.drained = True
         waiting = list(self.waiting)
-        self.log.info("Stopping with %d connection(s): closing %d idle connection(s) (keep-alive connection or "
-                      "not yet used); %d finish their request first", len(self.connections), len(waiting),
-                      len(self.requests))
+        self.log.info("Drained: closing %d idle connection(s) (keep-alive connection or not yet used); "
+                      "%d finish their request first", len(waiting), len(self.requests))
         for waiter in waiting:
             # Thrown from the hub's next turn, and only if that connection is still waiting: by then a
             # request's headers may have arrived on it, and that request must run to its end.
@@ -185,9 +254,8 @@ class _WaitForRequest:
         waiter = gevent.getcurrent()
         self.worker.waiting.add(waiter)
         self.timeout.start()
-        if not self.worker.alive:
-            # Accepted while the worker was stopping (it stops accepting within a second): this
-            # connection gets no request served either.
+        if self.worker.drained:
+            # After the drain, no connection waits for another request.
             gevent.get_hub().loop.run_callback(self.worker.end_wait, waiter)
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: Any) -> bool:

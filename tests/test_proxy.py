@@ -6,10 +6,12 @@ second, each client keeps its own failure budget (TRUSTED_PROXIES=1), nginx's ow
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import selectors
 import socket
+import ssl
 import time
 
 import pytest
@@ -75,8 +77,12 @@ def test_tls_and_the_redirect_to_it_work_as_shipped(proxied):
     server, nginx = proxied
     response = requests.get(nginx.tls_url + "/health", verify=nginx.cert, timeout=10)
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
-    redirect = requests.post(nginx.http_url + "/swap", data={"code": "x"}, allow_redirects=False, timeout=10)
-    assert (redirect.status_code, redirect.headers["Location"]) == (301, "https://127.0.0.1/swap")
+    assert response.headers["Strict-Transport-Security"] == "max-age=63072000"
+    # To the configured name whatever Host says, and without the query (where a code could sit).
+    redirect = requests.post(nginx.http_url + "/swap?code=secret-code", data={"code": "x"}, allow_redirects=False,
+                             headers={"Host": "evil.example"}, timeout=10)
+    assert (redirect.status_code, redirect.headers["Location"]) == (301, "https://tokens.example.com/swap")
+    assert "evil" not in redirect.text and "secret-code" not in redirect.text
 
 
 def test_nginx_answers_its_own_errors_in_json(proxied):
@@ -90,6 +96,51 @@ def test_nginx_answers_its_own_errors_in_json(proxied):
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nContent-Type: application/json\r\n" in head
+    assert json.loads(body)["error"] == "invalid_request"
+
+
+def raw_answer(port: int, request: bytes, tls: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """nginx's answer to bytes sent as they are, on a new connection: (status, headers, body)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        sock = context.wrap_socket(sock)
+    with sock:
+        sock.sendall(request)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n", 431),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (n, b"b" * 7000) for n in range(6)) + b"\r\n",
+     431),
+    (b"TRACE / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+    (b"POST /swap HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, foo\r\nConnection: close\r\n\r\n", 501),
+    (b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"NOT A REQUEST\r\n\r\n", 400),
+], ids=["one-large-header", "headers-over-32kb", "trace", "unknown-transfer-encoding", "http-version", "garbage"])
+def test_every_error_nginx_answers_itself_is_json_on_each_port(proxied, request_bytes, status):
+    server, nginx = proxied
+    for port, tls in ((nginx.tls_port, True), (nginx.plain_port, False), (nginx.http_port, False)):
+        answered, headers, body = raw_answer(port, request_bytes, tls)
+        assert answered == status and headers["content-type"] == "application/json", (port, body)
+        assert json.loads(body)["error"] == "invalid_request" and b"<html" not in body
+        if tls:
+            assert headers["strict-transport-security"] == "max-age=63072000"
+
+
+def test_plain_http_on_the_tls_port_is_a_json_400(proxied):
+    server, nginx = proxied
+    status, headers, body = raw_answer(nginx.tls_port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 400 and headers["content-type"] == "application/json"
     assert json.loads(body)["error"] == "invalid_request"
 
 

@@ -1,14 +1,27 @@
-"""server.py against the gunicorn it is written for: the one patch, and the public methods the worker builds on."""
+"""server.py against the gunicorn it is written for (the one patch, the public methods the worker builds on), and the
+bounds on a request's head, from outside."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
+import socket
+import time
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import gunicorn
+import pytest
+import requests
 from gunicorn import util
 from gunicorn.workers import base, base_async, ggevent
 
 import server
+from devtools.fake_accounts import FakeAccounts
+from devtools.flood import raise_open_file_limit
+from devtools.process import CLOSE, Server
+from tests.conftest import server_env
 
 
 def test_the_one_patch_still_reaches_gunicorn():
@@ -34,3 +47,114 @@ def test_the_worker_overrides_only_public_methods_that_gunicorn_still_calls():
     assert "signal.signal(signal.SIGTERM, self.handle_exit)" in inspect.getsource(base.Worker.init_signals)
     # The quiet end of a wait: gunicorn's own timeout_ctx is a gevent.Timeout that ends the block.
     assert "gevent.Timeout(self.cfg.keepalive, False)" in inspect.getsource(ggevent.GeventWorker.timeout_ctx)
+
+
+
+# -- a request's head is bounded -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bounded():
+    with FakeAccounts() as fake, Server(server_env(fake.url)) as running:
+        yield running
+
+
+def head_of(size: int) -> bytes:
+    """A request line and header fields of 1 KB each, `size` bytes in all, without the blank line that ends a head."""
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    number = 0
+    while len(head) < size:
+        number += 1
+        head += b"X-Filler-%d: " % number + b"f" * 1000 + b"\r\n"
+    return head[:size]
+
+
+def answer_to(head: bytes, port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # refused with part of it unsent
+            sock.sendall(head)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def test_the_head_bound_is_about_64_kb_and_gunicorn_conf_sets_it():
+    assert 60_000 < server.MAX_HEAD_BYTES <= 65_536 + 100
+    text = (Path(server.__file__).parent / "gunicorn.conf.py").read_text()
+    for name in ("limit_request_line", "limit_request_fields", "limit_request_field_size"):
+        assert f"{name} = server.{name.upper()}" in text
+
+
+def test_100_kb_of_headers_is_a_json_431(bounded):
+    for head in (head_of(100_000) + b"\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n"):
+        answer = answer_to(head, bounded.port)
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 431 "), answer[:200]
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/json" in headers
+        assert json.loads(body)["error"] == "invalid_request"
+    # A head just under the bound is served: 38 fields of 1 KB after the line and Host.
+    allowed = head_of(server.LIMIT_REQUEST_FIELDS * 1000 - 2000) + b"\r\n\r\n"
+    assert answer_to(allowed, bounded.port).startswith(b"HTTP/1.1 200 ")
+
+
+def test_300_connections_holding_unfinished_heads_leave_health_under_a_second(bounded):
+    """Half of them hold a head just under the bound, never finished; half send more than it (refused)."""
+    raise_open_file_limit()
+    held: dict[int, socket.socket] = {}
+
+    def hold(index: int) -> None:
+        sock = socket.create_connection(("127.0.0.1", bounded.port), timeout=10)
+        held[index] = sock
+        with contextlib.suppress(OSError):  # the oversized ones are refused mid-way
+            sock.sendall(head_of(60_000 if index % 2 else 120_000))
+
+    try:
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            list(pool.map(hold, range(300)))
+        timings = []
+        for _ in range(5):
+            started = time.monotonic()
+            response = requests.get(bounded.url + "/health", headers=CLOSE, timeout=10)
+            timings.append(time.monotonic() - started)
+            assert response.status_code == 200
+        assert max(timings) < 1, timings
+        # The oversized ones were answered 431 and closed; the others are still held open.
+        refused = 0
+        for sock in [held[index] for index in range(0, 300, 2)]:
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                refused += sock.recv(65536).startswith(b"HTTP/1.1 431 ")
+        assert refused >= 140, refused
+    finally:
+        for sock in held.values():
+            sock.close()
+
+
+# -- the access line's client field --------------------------------------------------------------
+
+
+def test_the_access_lines_client_field_is_bounded_and_escaped():
+    """Behind a proxy the client is X-Forwarded-For's, the client's to fill: never logged whole or raw."""
+    # As long as a header field may be (the head's bounds); a tab and a byte beyond ASCII in it.
+    forged = '6.6.6.6 "POST /swap" 200 1 1ms\t' + "x" * 1400 + "\xe9"
+    with FakeAccounts() as fake, Server(server_env(fake.url, TRUSTED_PROXIES="1")) as running:
+        since = len(running.output())
+        for value in (forged, "203.0.113.9"):
+            response = requests.get(running.url + "/health", headers={**CLOSE, "X-Forwarded-For": value}, timeout=10)
+            assert response.status_code == 200
+        lines = running.wait_for_access_log(2, since)
+        output = running.output()[since:]
+    assert [line["client"] for line in lines] == [server.client_field(forged), "203.0.113.9"]
+    assert len(lines[0]["client"]) <= 4 * server.CLIENT_FIELD_LENGTH + 3
+    assert "x" * 46 not in output and '6.6.6.6 "POST' not in output
+    assert max(len(line) for line in output.splitlines()) < 300
+
+
+def test_client_field_keeps_addresses_and_escapes_the_rest():
+    for address in ("203.0.113.9", "2001:db8::1", "fe80::1%eth0", "::ffff:192.0.2.1", "-"):
+        assert server.client_field(address) == address
+    assert server.client_field("a b\"c\n\u00e9") == 'a\\x20b\\x22c\\n\\xe9'
+    assert server.client_field("y" * 8000) == "y" * 45 + "..."

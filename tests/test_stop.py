@@ -20,6 +20,7 @@ from crypto import TokenSealer
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import Server
 from devtools.fake_accounts import CLIENT_ID
+from server import DRAIN_SECONDS
 from tests.helpers import BASE_CONFIG, SECRET, server_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,15 +71,25 @@ def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-u
         time.sleep(0.02)
 
 
-def test_sigterm_closes_waiting_connections_at_once_and_finishes_every_request_whose_headers_arrived():
-    """Pre-connected and idle keep-alive connections close at once; a swap waiting on a slow Spotify
-    and two requests whose bodies are still arriving (one on a fresh connection, one on a keep-alive
-    connection's second request) all get their 200; the stop ends promptly and logs no error."""
+def refused(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_request_whose_headers_arrived():
+    """New connections are refused at once; for the drain a request on an idle keep-alive connection
+    is answered, with Connection: close; then pre-connected and idle keep-alive connections are
+    closed; a swap waiting on a slow Spotify and two requests whose bodies are still arriving (one on a
+    fresh connection, one as a keep-alive connection's second request) all get their 200; the stop
+    ends promptly and logs no error."""
     with FakeAccounts() as fake, Server(server_env(fake.url, SPOTIFY_TIMEOUT="10")) as server:
         address = ("127.0.0.1", server.port)
         pre_connected = [socket.create_connection(address, timeout=10) for _ in range(4)]
         idle = []
-        for _ in range(4):
+        for _ in range(5):
             sock = socket.create_connection(address, timeout=10)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_answer(sock)[0] == 200
@@ -112,8 +123,15 @@ def test_sigterm_closes_waiting_connections_at_once_and_finishes_every_request_w
         server.process.send_signal(signal.SIGTERM)
         # Both workers have begun to stop before the bodies' rest is sent.
         wait_for(lambda: server.output().count("Stopping with ") == 2, 10, "both workers stopping")
+        wait_for(lambda: refused(address), 2, "new connections refused")
+        # During the drain: a request on a keep-alive connection is answered, and its connection closed.
+        used, *idle = idle
+        used.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        drained_answer = read_answer(used)
+        assert closed_by_server(used, timeout=1)
+        assert time.monotonic() - signalled < DRAIN_SECONDS - 0.5
         for sock in pre_connected + idle:
-            assert closed_by_server(sock, timeout=2), "a connection waiting for a request was kept open"
+            assert closed_by_server(sock, timeout=DRAIN_SECONDS + 2), "a connection waiting for a request was kept open"
         closed_after = time.monotonic() - signalled
         answers = []
         for sock, code, rest in mid_body:
@@ -122,12 +140,13 @@ def test_sigterm_closes_waiting_connections_at_once_and_finishes_every_request_w
         exit_code = server.process.wait(40)
         stopped_after = time.monotonic() - signalled
         in_flight.join(10)
-        for sock in pre_connected + idle + [s for s, *_ in mid_body] + [slow]:
+        for sock in pre_connected + idle + [used] + [s for s, *_ in mid_body] + [slow]:
             sock.close()
         output = server.output()
 
     assert exit_code == 0
-    assert closed_after < 2, f"waiting connections closed {closed_after:.1f} s after SIGTERM"
+    assert DRAIN_SECONDS - 0.2 < closed_after < DRAIN_SECONDS + 1.5, f"idle connections closed after {closed_after:.1f} s"
+    assert drained_answer[0] == 200 and drained_answer[1]["connection"] == "close"
     for code, (status, headers, body) in answers:
         assert status == 200, body
         assert headers["connection"] == "close"  # the stopping worker serves no further request on it
@@ -135,11 +154,11 @@ def test_sigterm_closes_waiting_connections_at_once_and_finishes_every_request_w
     [(status, _, body)] = slow_answer
     assert status == 200, body
     assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{slow_code}"
-    # The slow swap's 3 s at Spotify, then the worker's once-a-second check that it is done:
-    # nowhere near graceful_timeout (35 s with SPOTIFY_TIMEOUT=10).
-    assert stopped_after < 6, f"took {stopped_after:.1f} s to stop"
+    # The drain, then the worker's once-a-second check that its requests are done: nowhere near
+    # graceful_timeout (35 s with SPOTIFY_TIMEOUT=10).
+    assert stopped_after < DRAIN_SECONDS + 3, f"took {stopped_after:.1f} s to stop"
     assert "[ERROR]" not in output and "Traceback" not in output, output
-    assert re.search(r"closing \d+ idle connection\(s\) \(keep-alive connection or not yet used\)", output)
+    assert re.search(r"Drained: closing \d+ idle connection\(s\) \(keep-alive connection or not yet used\)", output)
 
 
 @pytest.mark.parametrize("spotify_timeout, expected", [("10", 35), ("300", 615), ("0.5", 16)])
@@ -176,3 +195,43 @@ def test_the_docs_quote_the_stop_time_gunicorn_conf_computes_and_grace_periods_a
     grace_periods = [int(number) for groups in found for number in groups if number]
     assert len(grace_periods) == 3 and min(grace_periods) > graceful, grace_periods
     assert f"({graceful} s with SPOTIFY_TIMEOUT=10" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_workers_of_a_killed_master_finish_what_they_hold_then_exit():
+    """kill -9 of the master alone: its workers notice (once a second), finish the swap waiting on
+    Spotify, close the rest and exit, instead of exiting at once."""
+    with FakeAccounts() as fake, Server(server_env(fake.url, SPOTIFY_TIMEOUT="10")) as server:
+        workers = server.pids()[1:]
+        assert len(workers) == 2
+        address = ("127.0.0.1", server.port)
+        slow_code = "fault-slow-3"
+        answers: list[tuple[int, dict[str, str], bytes]] = []
+        connection = socket.create_connection(address, timeout=10)
+
+        def slow_swap() -> None:
+            connection.sendall(swap_request(slow_code))
+            answers.append(read_answer(connection))
+
+        in_flight = threading.Thread(target=slow_swap)
+        in_flight.start()
+        wait_for(lambda: any(r["form"].get("code") == slow_code for r in fake.requests), 10, "the swap at Spotify")
+        server.process.kill()
+        server.process.wait(10)
+        in_flight.join(15)
+        connection.close()
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and "Z" not in stat(pid) for pid in workers), 15,
+                 "the orphaned workers' exit")
+        output = server.output()
+    [(status, headers, body)] = answers
+    assert status == 200, body
+    assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{slow_code}"
+    assert output.count("Master gone") == 2
+    assert "[ERROR]" not in output and "Traceback" not in output, output
+
+
+def stat(pid: int) -> str:
+    """The state field of /proc/PID/stat ('' once the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
