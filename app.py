@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -17,6 +18,8 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import check
+import logs
+import metrics
 import page
 import ratelimit
 import spotify
@@ -109,7 +112,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
             raise click.ClickException(str(err)) from None
         return app
 
-    app.extensions["tokenswap"] = Service(config)
+    logs.init_app(app)  # observe (issue 16): request ids
+    # observe (issue 16): metrics first, so that Service's Spotify client reports to them.
+    app.extensions["tokenswap"] = Service(config, metrics.init_app(app, config), app.logger)
     _register_routes(app)
     page.init_app(app)
     _register_errors(app)
@@ -131,7 +136,9 @@ class TokenSwap(Flask):
 class Service:
     """What the routes need, built once per process: config, token sealer, upstream client."""
 
-    def __init__(self, config: Config):
+    def __init__(
+        self, config: Config, observer: spotify.Observer | None = None, logger: logging.Logger | None = None
+    ):
         self.config = config
         self.sealer = TokenSealer(
             config.encryption_secrets, config.client_id, config.legacy_secret
@@ -142,6 +149,8 @@ class Service:
             config.accounts_url,
             config.timeout,
             pool_size=UPSTREAM_POOL_SIZE,
+            observer=observer,  # observe (issue 16)
+            logger=logger,  # observe (issue 16): a WARNING naming why Spotify is unreachable
         )
         self.misconfigured_logged_at: float | None = None
 
@@ -269,6 +278,7 @@ def _register_routes(app: Flask) -> None:
                 400, "invalid_client",
                 "This token service serves another Spotify app: 'client_id' is not its client ID",
             )
+        metrics.note_grant(grant or path_grant)  # observe (issue 16)
         if (grant or path_grant) == SWAP:
             tokens = _swap(service, data)
         else:
@@ -327,6 +337,7 @@ def _refresh(service: Service, data: Mapping[str, Any], *, code_is_token: bool) 
     opened = _open(service, token)
     if opened is None:
         raise OAuthError(400, "invalid_grant", "Invalid refresh token")
+    metrics.count_opened(opened.key)  # observe (issue 16): key usage, for key rotation
     ratelimit.admit(opened.refresh_token)
     tokens = service.spotify.refresh(opened.refresh_token)
     # Every refresh answer carries a refresh token, so a client that stores what it receives
@@ -367,6 +378,7 @@ def _register_errors(app: Flask) -> None:
 
     @app.errorhandler(Refused)
     def refused(err: Refused) -> Response:
+        metrics.count_refused(err.reason)  # observe (issue 16)
         return oauth_error(_from_limits(err))
 
     @app.errorhandler(HTTPException)

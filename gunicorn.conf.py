@@ -156,6 +156,8 @@ class Logger(glogging.Logger):
                 "s": status,
                 "B": getattr(resp, "sent", None),
                 "M": request_time.seconds * 1000 + int(request_time.microseconds / 1000),
+                # observe (issue 16): the request id (logs.ENVIRON_KEY), last on the line.
+                "{tokenswap.request_id}e": environ.get("tokenswap.request_id", "-"),
             }
         else:
             atoms = super().atoms(resp, req, environ, request_time)
@@ -230,3 +232,32 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  #
 
 def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
     util.write_error = _write_json_error
+
+
+# -- observe (issue 16): metrics shared by the workers, JSON log lines ----------------------------
+# For the lead to port into server.py / the settings. With METRICS_TOKEN set, the workers write
+# their counts to PROMETHEUS_MULTIPROC_DIR (made and emptied here before any worker starts, removed
+# at exit if it was made here), and a dead worker's per-worker gauges are dropped. With
+# LOG_FORMAT=json, gunicorn's own, access and application lines are each one JSON object.
+import logs  # noqa: E402
+import metrics  # noqa: E402
+
+_observed = load_config()
+# The access line ends with the request's id (X-Request-ID, logs.py), "-" for a request the app never saw.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms %({tokenswap.request_id}e)s'
+if _observed.log_format == "json":
+    logconfig_dict = logs.json_logconfig()
+
+
+def on_starting(server) -> None:  # type: ignore[no-untyped-def]
+    if _observed.metrics_token:
+        server.tokenswap_metrics_dir = metrics.prepare_directory()
+
+
+def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
+    if _observed.metrics_token:
+        metrics.mark_dead(worker.pid)
+
+
+def on_exit(server) -> None:  # type: ignore[no-untyped-def]
+    metrics.remove_directory(getattr(server, "tokenswap_metrics_dir", None))

@@ -359,7 +359,7 @@ def test_dockerfile_installs_only_the_runtime_requirements_without_a_cache():
 def test_dockerfile_copies_every_module_the_service_imports_and_nothing_else():
     copied = set(docker_copied_files())
     needed = local_imports(ROOT / "app.py") | local_imports(ROOT / "gunicorn.conf.py")
-    assert needed == {"app.py", "check.py", "config.py", "crypto.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
+    assert needed == {"app.py", "check.py", "config.py", "crypto.py", "logs.py", "metrics.py", "page.py", "ratelimit.py", "spotify.py", "gunicorn.conf.py"}
     # The landing page's files are read by Flask from these folders, not imported.
     assert copied == needed | {"requirements.txt", "templates", "static"}
 
