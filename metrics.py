@@ -33,6 +33,8 @@ PREFIX = "tokenswap"
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # Endpoints whose answers are counted, and the grant each serves when the request names none.
 _ENDPOINT_GRANTS = {"swap": "authorization_code", "refresh": "refresh_token"}
+# ratelimit.Refused.reason's values.
+REFUSAL_REASONS = ("failures", "token", "ceiling", "busy")
 # A label value taken from an answer: an OAuth error code is lower-case letters and underscores.
 _CODE = re.compile(r"[a-z_]{1,40}")
 # Deploy platforms name the commit being run in one of these (Heroku, Render, others).
@@ -77,7 +79,8 @@ def remove_directory(path: str | None) -> None:
 class Metrics:
     """The service's metrics in one process. Also the observer of calls to Spotify (spotify.Observer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: tuple[str, ...] = ()) -> None:
+        """`keys`: the ids of the keys that open tokens (and "legacy"), shown from the start at 0."""
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         # A registry per app, so that several apps in one process (tests) each count their own.
@@ -116,6 +119,14 @@ class Metrics:
             ["commit", "python", "flask", "gunicorn"], registry=registry, multiprocess_mode="max",
         )
         self.build.labels(**_build_labels()).set(1)
+        # Series that exist from the start, at 0: Prometheus' increase() and rate() count a series'
+        # first increment only if it was seen before it.
+        for key in keys:
+            self.tokens_opened.labels(key)
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason)
+        for grant in _ENDPOINT_GRANTS.values():
+            self.requests.labels(grant, "ok")
 
     # spotify.Observer
     def started(self, grant: str) -> None:
@@ -157,7 +168,10 @@ def init_app(app: Flask, config: Config) -> Metrics | None:
     Metrics (the observer of calls to Spotify), or None when metrics are off."""
     if not config.metrics_token:
         return None
-    metrics = Metrics()
+    from crypto import LEGACY_KEY, key_id
+
+    keys = tuple(key_id(secret).hex() for secret in config.encryption_secrets)
+    metrics = Metrics(keys + ((LEGACY_KEY,) if config.legacy_secret else ()))
     app.extensions["metrics"] = metrics
     expected = f"Bearer {config.metrics_token}".encode()
 
