@@ -166,7 +166,8 @@ class AccountsClient:
         self.token_url = accounts_url.rstrip("/") + "/api/token"
         self.timeout = timeout
         self.observer = observer
-        self._logger = logger or logging.getLogger(__name__)
+        # Where a WARNING names why Spotify could not be reached (the app's logger); None: not logged.
+        self._logger = logger
         # When each cause of failure was last logged, so that each is logged at most once a minute.
         self._warned_at: dict[str, float] = {}
         session = requests.Session()
@@ -239,6 +240,8 @@ class AccountsClient:
             raise
 
     def _warn(self, cause: str) -> None:
+        if self._logger is None:
+            return
         now = time.monotonic()
         last = self._warned_at.get(cause)
         if last is not None and now - last < WARN_SECONDS:
