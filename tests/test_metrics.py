@@ -164,3 +164,30 @@ def test_refusals_are_counted_by_reason(config, spotify):
     assert value(found, "tokenswap_refused_total", reason="token") == 1
     assert value(found, "tokenswap_refused_total", reason="failures") == 1
     assert value(found, "tokenswap_requests_total", grant="refresh_token", outcome="rate_limited") == 1
+
+
+def test_the_server_makes_a_directory_when_none_is_set_and_removes_it(monkeypatch):
+    # Recorded as unset, so that the variable prepare_directory() sets is undone after the test.
+    monkeypatch.setenv(metrics.MULTIPROC_DIR, "")
+    monkeypatch.delenv(metrics.MULTIPROC_DIR)
+    made = metrics.prepare_directory()
+    try:
+        assert made is not None and os.path.isdir(made) and os.environ[metrics.MULTIPROC_DIR] == made
+    finally:
+        metrics.remove_directory(made)
+    assert not os.path.exists(made)
+
+
+def test_the_server_empties_a_directory_that_is_set_and_keeps_it(monkeypatch, tmp_path):
+    directory = tmp_path / "multiproc"
+    monkeypatch.setenv(metrics.MULTIPROC_DIR, str(directory))
+    assert metrics.prepare_directory() is None and directory.is_dir()
+    (directory / "counter_1.db").write_bytes(b"old")
+    (directory / "gauge_liveall_42.db").write_bytes(b"old")
+    (directory / "README").write_text("not ours")
+    assert metrics.prepare_directory() is None
+    assert sorted(p.name for p in directory.iterdir()) == ["README"]
+    (directory / "gauge_liveall_42.db").write_bytes(b"old")
+    (directory / "counter_42.db").write_bytes(b"old")
+    metrics.mark_dead(42)
+    assert sorted(p.name for p in directory.iterdir()) == ["README", "counter_42.db"]
