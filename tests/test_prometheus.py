@@ -251,3 +251,12 @@ def _rotation_query() -> str:
     marker = "sum by (key) (increase(tokenswap_tokens_opened_total"
     line = next(line for line in text.splitlines() if marker in line)
     return line.strip().strip("`")
+
+
+def test_without_a_directory_set_the_server_makes_one_and_removes_it_at_exit(tmp_path):
+    env = server_env("http://127.0.0.1:9", METRICS_TOKEN=TOKEN, TMPDIR=str(tmp_path))
+    with Server(env) as server:
+        [made] = list(tmp_path.glob("tokenswap-metrics-*"))
+        assert any(made.glob("*.db")), "the workers write their counts there"
+        assert len(_scrape(server)) > 0
+    assert list(tmp_path.glob("tokenswap-metrics-*")) == []
