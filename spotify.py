@@ -247,9 +247,10 @@ class AccountsClient:
         if last is not None and now - last < WARN_SECONDS:
             return
         self._warned_at[cause] = now
+        what = f"did not answer within {self.timeout:g} s" if cause == TIMED_OUT else "could not be reached"
         self._logger.warning(
-            "Spotify could not be reached at %s: %s; %s (logged at most once a minute per worker and cause)",
-            shown_url(self.token_url), cause, HINTS[cause],
+            "Spotify %s at %s: %s; %s (logged at most once a minute per worker and cause)",
+            what, shown_url(self.token_url), cause, HINTS[cause],
         )
 
     def _send(self, form: dict[str, str]) -> dict[str, Any]:
