@@ -13,7 +13,7 @@ PORT = 1234
 # What the tests start besides Python: a browser, a Redis, certificate tools, Node (for a Node OAuth
 # client library), curl (the README's examples), nginx (deploy/nginx.conf). Debian package = command
 # name (nginx's is in /usr/sbin, not on every user's PATH).
-TEST_TOOLS = chromium redis-server openssl npm curl nginx
+TEST_TOOLS = chromium redis-server openssl npm curl nginx prometheus
 SUDO = $(if $(filter 0,$(shell id -u 2>/dev/null)),,sudo)
 APT_GET = $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq
 

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+import metrics
 import ratelimit
 import spotify
 from config import BODY_TIMEOUT
@@ -82,6 +83,7 @@ def _token_endpoint(path_grant: str) -> Response:
         off = "; app-only tokens are off here (CLIENT_CREDENTIALS=on enables them)" if APP_TOKEN not in grants else ""
         raise OAuthError(400, "unsupported_grant_type", f"grant_type must be {', '.join(grants)}{off}")
     _check_client_id(svc, data)
+    metrics.note_grant(grant or path_grant)
     if (grant or path_grant) == SWAP:
         tokens = _swap(svc, data)
     elif (grant or path_grant) == REFRESH:
@@ -243,6 +245,7 @@ def _refresh(svc: Service, data: Mapping[str, Any], *, code_is_token: bool) -> d
     opened = _open(svc, token)
     if opened is None:
         raise OAuthError(400, "invalid_grant", "Invalid refresh token")
+    metrics.count_opened(opened.key)  # key usage, for key rotation
     ratelimit.admit(opened.refresh_token)
     tokens = svc.spotify.refresh(opened.refresh_token)
     # A refresh answer carries a refresh token, so a client that stores what it receives never

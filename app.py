@@ -9,6 +9,8 @@ import api
 import commands
 import cors
 import errors
+import logs
+import metrics
 import page
 import proxies
 import ratelimit
@@ -30,7 +32,8 @@ def create_app(config: Config | None = None) -> Flask:
             if _finding_commands():
                 return app  # gen-secret and check need no configuration: check reports this one
             raise click.ClickException(str(err)) if click.get_current_context(silent=True) else err
-    service.init_app(app, config)
+    logs.init_app(app)
+    service.init_app(app, config, observer=metrics.init_app(app, config))
     app.register_blueprint(api.bp)
     page.init_app(app)
     errors.init_app(app)

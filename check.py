@@ -39,8 +39,12 @@ def _spotify_credentials(config: Config, echo: Callable[[str], None]) -> bool:
         said = ascii(f"{err.answer.get('error')}: {err.description}"[:200])
         echo(f"{FAIL} Spotify refuses the credentials {where} ({said}): check {variable}")
         return False
-    except spotify.Unreachable:
-        echo(f"{FAIL} Spotify could not be reached {where}: check SPOTIFY_ACCOUNTS_URL and the network")
+    except spotify.Unreachable as err:
+        echo(f"{FAIL} Spotify could not be reached {where}: {err.cause}; {spotify.HINTS[err.cause]}")
+        return False
+    except spotify.TimedOut as err:
+        echo(f"{FAIL} Spotify did not answer {where} within SPOTIFY_TIMEOUT ({config.timeout:g} s): "
+             f"{err.cause}; {spotify.HINTS[err.cause]}")
         return False
     except spotify.SpotifyError as err:
         echo(f"{FAIL} Spotify did not accept a client-credentials request {where}: {type(err).__name__} {err}")

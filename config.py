@@ -29,6 +29,8 @@ VARIABLES: dict[str, str] = {
     "SPOTIFY_MAX_RATE": "Ceiling on calls forwarded to Spotify by this deployment, e.g. 50/second (default: none)",
     "RATE_LIMIT_STORAGE_URI": "Where rate-limit counts live: memory:// or redis://host:port (default memory://)",
     "CLIENT_CREDENTIALS": "App-only tokens (grant_type=client_credentials) for anyone who asks: on or off (default off)",
+    "METRICS_TOKEN": "Bearer token that GET /metrics (Prometheus) requires, at least 16 characters; unset turns metrics off (default: off)",
+    "LOG_FORMAT": "text (readable lines) or json (one JSON object per line) (default text)",
 }
 
 # Read by gunicorn.conf.py, not by the application.
@@ -76,6 +78,8 @@ class Config:
     spotify_max_rate: str | None = None
     rate_limit_storage_uri: str = "memory://"
     client_credentials: bool = False
+    metrics_token: str | None = None
+    log_format: str = "text"
 
 
 def generate_secret() -> str:
@@ -262,6 +266,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             problems.append(f"CLIENT_CREDENTIALS={get('CLIENT_CREDENTIALS')!r} must be on or off (default off)")
         client_credentials = switch == "on"
 
+    # Metrics (issue 16): the token a scraper sends; the log lines' format.
+    metrics_token = get("METRICS_TOKEN") or None
+    if metrics_token is not None and not re.fullmatch(r"[\x21-\x7e]{%d,}" % MIN_SECRET_LENGTH, metrics_token):
+        problems.append(
+            f"METRICS_TOKEN must be at least {MIN_SECRET_LENGTH} printable characters without spaces: "
+            f"{GEN_SECRET_HINT}"
+        )
+    log_format = get("LOG_FORMAT").lower() or Config.log_format
+    if log_format not in ("text", "json"):
+        problems.append(f"LOG_FORMAT={get('LOG_FORMAT')!r} must be text or json")
+
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -280,6 +295,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         spotify_max_rate=spotify_max_rate,
         rate_limit_storage_uri=storage_uri,
         client_credentials=client_credentials,
+        metrics_token=metrics_token,
+        log_format=log_format,
     )
 
 

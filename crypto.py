@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from Crypto.Cipher import AES, DES3
 from Crypto.Hash import SHA256
@@ -27,6 +27,8 @@ MIN_TOKEN_SIZE = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
 MAX_TOKEN_CHARS = 8192
 # A legacy token holds at most 2048 plaintext characters: ~2800 Base64 characters with line breaks.
 MAX_LEGACY_CHARS = 4096
+# Opened.key of a token the legacy service sealed.
+LEGACY_KEY = "legacy"
 
 _SALT = b"spotify-token-swap"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
@@ -45,6 +47,9 @@ class Opened:
     refresh_token: str
     # Sealed under an older key or by a legacy service: hand the client a fresh seal.
     needs_reseal: bool = False
+    # Which key opened it: the key id in hex (as `flask --app app check` lists it), or "legacy".
+    # Not part of equality: two Opened with the same token and reseal need are the same result.
+    key: str = field(default=LEGACY_KEY, compare=False)
 
 
 def _derive(secret: str, info: bytes, length: int) -> bytes:
@@ -168,7 +173,7 @@ class TokenSealer:
         except InvalidToken:
             if self._legacy is None:
                 raise
-        return Opened(self._legacy.decrypt(token), needs_reseal=True)
+        return Opened(self._legacy.decrypt(token), needs_reseal=True, key=LEGACY_KEY)
 
     def _open(self, token: str) -> Opened:
         data = _b64url_decode(token)
@@ -186,6 +191,6 @@ class TokenSealer:
             )
             if listed is None:  # the decoy key is nobody's: its tag checks fail (but for 2^-128)
                 raise InvalidToken
-            return Opened(plaintext.decode("utf-8"), needs_reseal=old)
+            return Opened(plaintext.decode("utf-8"), needs_reseal=old, key=kid.hex())
         except (ValueError, UnicodeDecodeError):
             raise InvalidToken from None

@@ -15,6 +15,7 @@ from typing import Any
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
+import metrics
 import spotify
 from ratelimit import Refused
 
@@ -63,9 +64,14 @@ def init_app(app: Flask) -> None:
     app.extensions["errors"] = {}  # when each rate-limited log line was last written
     app.register_error_handler(OAuthError, render)
     app.register_error_handler(spotify.SpotifyError, lambda err: render(from_spotify(err)))
-    app.register_error_handler(Refused, lambda err: render(from_limits(err)))
+    app.register_error_handler(Refused, _refused)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
+
+
+def _refused(err: Refused) -> Response:
+    metrics.count_refused(err.reason)
+    return render(from_limits(err))
 
 
 def render(err: OAuthError) -> Response:

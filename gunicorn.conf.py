@@ -6,6 +6,7 @@ import sys
 
 from dotenv import find_dotenv, load_dotenv
 
+import logs
 import server
 from config import STOP_MARGIN, ConfigError, connections_per_worker, load_config, longest_request_seconds
 
@@ -76,14 +77,20 @@ limit_request_field_size = server.LIMIT_REQUEST_FIELD_SIZE
 control_socket_disable = True
 
 # One line per request: client, method, path (never the query string), status, bytes, milliseconds,
-# to stdout. gunicorn's own messages and tracebacks go to stderr.
+# request id, to stdout. gunicorn's own messages and tracebacks go to stderr. LOG_FORMAT=json makes
+# every line, gunicorn's own included, one JSON object (logs.py).
 accesslog = "-"
 errorlog = "-"
 access_log_format = server.ACCESS_LOG_FORMAT
 # Every logged value made safe: no code, token or forged line.
 logger_class = "server.Logger"
+if service_config.log_format == "json":
+    logconfig_dict = logs.json_logconfig()
 
-
-def when_ready(arbiter) -> None:  # type: ignore[no-untyped-def]  # gunicorn's Arbiter, untyped
-    """Once listening, in the master: what one instance holds, and limits counted per worker."""
-    server.when_ready(arbiter)
+# The server hooks: what one instance holds once listening; with METRICS_TOKEN, the directory the
+# workers' counts share (made and emptied before any worker starts, removed at exit if made here) and
+# a dead worker's gauges dropped.
+when_ready = server.when_ready
+on_starting = server.on_starting
+child_exit = server.child_exit
+on_exit = server.on_exit

@@ -24,6 +24,7 @@ from gunicorn import glogging, util
 from gunicorn.workers.base import Worker as BaseWorker
 from gunicorn.workers.ggevent import GeventWorker
 
+import metrics
 import ratelimit
 from config import load_config
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 # gunicorn.conf.py's access_log_format: client "METHOD PATH" status bytes milliseconds. Logger.atoms()
 # computes these six atoms only; any other format gets gunicorn's full set.
-ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms %({tokenswap.request_id}e)s'
 
 # What follows a path in a request target may hold a code or a token: the query (a client that put
 # its fields in the URL), a fragment, or path parameters. Redacted to the next space: gunicorn logs a
@@ -98,6 +99,8 @@ class Logger(glogging.Logger):
                 "s": status,
                 "B": getattr(resp, "sent", None),
                 "M": request_time.seconds * 1000 + int(request_time.microseconds / 1000),
+                # The request id (logs.py), last on the line; "-" for a request the app never saw.
+                "{tokenswap.request_id}e": environ.get("tokenswap.request_id", "-"),  # type: ignore[typeddict-unknown-key]  # the stubs name gunicorn's fixed atoms; an environ atom like this is one too
             }
         else:
             atoms = super().atoms(resp, req, environ, request_time)
@@ -301,3 +304,20 @@ def when_ready(arbiter: Arbiter) -> None:
     warning = ratelimit.memory_storage_warning(load_config(), cfg.workers)
     if warning:
         log.warning("%s", warning)
+
+
+def on_starting(arbiter: Arbiter) -> None:
+    """gunicorn's on_starting hook, in the master before any worker: the metrics' shared directory."""
+    if load_config().metrics_token:
+        arbiter.tokenswap_metrics_dir = metrics.prepare_directory()  # type: ignore[attr-defined]  # our own attribute on gunicorn's Arbiter
+
+
+def child_exit(arbiter: Arbiter, worker: Any) -> None:
+    """gunicorn's child_exit hook: a dead worker's per-worker gauges are dropped."""
+    if load_config().metrics_token:
+        metrics.mark_dead(worker.pid)
+
+
+def on_exit(arbiter: Arbiter) -> None:
+    """gunicorn's on_exit hook: the metrics' directory removed if the server made it."""
+    metrics.remove_directory(getattr(arbiter, "tokenswap_metrics_dir", None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from crypto import TokenSealer
 class Service:
     """The configuration and the objects built from it, shared by every request of one process."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, observer: spotify.Observer | None = None,
+                 logger: logging.Logger | None = None):
         self.config = config
         self.sealer = TokenSealer(config.encryption_secrets, config.client_id, config.legacy_secret)
         self.spotify = spotify.AccountsClient(
@@ -28,6 +30,8 @@ class Service:
             # As many as a worker serves at once (gunicorn's worker_connections): every request
             # waiting on Spotify has a pooled connection of its own.
             pool_size=connections_per_worker(),
+            observer=observer,  # metrics of each call, when they are on
+            logger=logger,  # where a WARNING says why Spotify could not be reached
         )
         self.app_tokens = AppTokens()
 
@@ -69,9 +73,9 @@ class AppTokens:
             return {**self._token, "expires_in": max(0, left)}
 
 
-def init_app(app: Flask, config: Config) -> None:
-    """Build the service for this app from `config`."""
-    app.extensions["tokenswap"] = Service(config)
+def init_app(app: Flask, config: Config, observer: spotify.Observer | None = None) -> None:
+    """Build the service for this app from `config`; `observer` sees every call to Spotify."""
+    app.extensions["tokenswap"] = Service(config, observer, app.logger)
 
 
 def service() -> Service:

@@ -7,22 +7,25 @@ why there are none, and the app decides what its own client is told.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import socket
+import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
+import gevent
+import gevent.monkey
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-try:  # the Procfile's workers are gevent's; the service also runs without it (flask run, tests)
-    import gevent
-    import gevent.monkey
-except ImportError:  # pragma: no cover
-    gevent = None
+from config import redacted_url
 
 
 class SpotifyError(Exception):
@@ -63,12 +66,74 @@ class RateLimited(SpotifyError):
         super().__init__("429")
 
 
+# Why Spotify could not be reached, as the log and `flask --app app check` say it.
+NOT_RESOLVED, REFUSED, NOT_TRUSTED, TLS_FAILED, PROXY_FAILED, FAILED, TIMED_OUT = (
+    "name not resolved", "connection refused", "TLS certificate not trusted", "TLS handshake failed",
+    "proxy failed", "connection failed", "timed out",
+)
+# What to check, for each cause.
+HINTS = {
+    NOT_RESOLVED: "check the host name in SPOTIFY_ACCOUNTS_URL and the DNS",
+    REFUSED: "nothing listens at that address and port: check SPOTIFY_ACCOUNTS_URL",
+    NOT_TRUSTED: "if a proxy or a private CA signs that certificate, set REQUESTS_CA_BUNDLE to the CA "
+                 "certificate file; otherwise check SPOTIFY_ACCOUNTS_URL",
+    TLS_FAILED: "check SPOTIFY_ACCOUNTS_URL and any proxy in between",
+    PROXY_FAILED: "the proxy in HTTPS_PROXY (or HTTP_PROXY) could not be used: check it, or NO_PROXY",
+    FAILED: "check SPOTIFY_ACCOUNTS_URL and the network",
+    TIMED_OUT: "Spotify or the network is slow: check the network, or raise SPOTIFY_TIMEOUT",
+}
+
+
 class Unreachable(SpotifyError):
-    """No connection to Spotify: DNS, refused, reset."""
+    """No connection to Spotify: `cause` says why (NOT_RESOLVED, REFUSED, NOT_TRUSTED, ...)."""
+
+    def __init__(self, cause: str = FAILED):
+        self.cause = cause
+        super().__init__(cause)
 
 
 class TimedOut(SpotifyError):
     """Spotify took longer than the timeout, over the whole call."""
+
+    cause = TIMED_OUT
+
+
+class Observer(Protocol):
+    """Told of each call to Spotify (metrics.Metrics is one)."""
+
+    def started(self, grant: str) -> None: ...
+
+    def finished(self, grant: str, outcome: str, seconds: float) -> None: ...
+
+
+def cause_of(err: requests.RequestException) -> str:
+    """Why a connection to Spotify failed, from the exceptions requests and urllib3 chain together."""
+    seen = list(_chain(err))
+    if any(isinstance(e, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)) for e in seen):
+        return PROXY_FAILED
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in seen):
+        return NOT_TRUSTED
+    if any(isinstance(e, (requests.exceptions.SSLError, ssl.SSLError)) for e in seen):
+        return TLS_FAILED
+    if any(isinstance(e, (urllib3.exceptions.NameResolutionError, socket.gaierror)) for e in seen):
+        return NOT_RESOLVED
+    if any(isinstance(e, ConnectionRefusedError) for e in seen):
+        return REFUSED
+    return FAILED
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """An exception and those it wraps: its cause, context, urllib3's `reason`, and its arguments."""
+    pending: list[BaseException] = [err]
+    seen: set[int] = set()
+    while pending and len(seen) < 20:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        pending += [e for e in linked if isinstance(e, BaseException)]
 
 
 class BadAnswer(SpotifyError):
@@ -85,9 +150,17 @@ class AccountsClient:
         accounts_url: str = "https://accounts.spotify.com",
         timeout: float = 10.0,
         pool_size: int = 10,
+        *,
+        observer: Observer | None = None,
+        logger: logging.Logger | None = None,
     ):
         self.token_url = accounts_url.rstrip("/") + "/api/token"
         self.timeout = timeout
+        self.observer = observer
+        # Where a WARNING names why Spotify could not be reached (the app's logger); None: not logged.
+        self._logger = logger
+        # When each cause of failure was last logged, so that each is logged at most once a minute.
+        self._warned_at: dict[str, float] = {}
         session = requests.Session()
         # One pool per worker, as large as the worker's concurrency: every waiting request keeps
         # its keep-alive connection instead of paying a new TCP and TLS handshake. No retries:
@@ -108,7 +181,7 @@ class AccountsClient:
         self._headers = session.prepare_request(requests.Request("POST", self.token_url)).headers
         self._headers["Content-Type"] = "application/x-www-form-urlencoded"
         self._adapter = session.get_adapter(self.token_url)
-        self._send_options = {
+        self._send_options: dict[str, Any] = {
             "timeout": timeout, "verify": settings["verify"], "proxies": settings["proxies"],
         }
 
@@ -134,6 +207,44 @@ class AccountsClient:
         self._session.close()
 
     def _post(self, form: dict[str, str]) -> dict[str, Any]:
+        grant, observer = form["grant_type"], self.observer
+        if observer is None:
+            return self._call(form)
+        started = time.monotonic()
+        observer.started(grant)
+        outcome = "bad_answer"
+        try:
+            tokens = self._call(form)
+            outcome = "ok"
+            return tokens
+        except SpotifyError as err:
+            outcome = _outcome(err)
+            raise
+        finally:
+            observer.finished(grant, outcome, time.monotonic() - started)
+
+    def _call(self, form: dict[str, str]) -> dict[str, Any]:
+        try:
+            return self._send(form)
+        except (Unreachable, TimedOut) as err:
+            self._warn(err.cause)
+            raise
+
+    def _warn(self, cause: str) -> None:
+        if self._logger is None:
+            return
+        now = time.monotonic()
+        last = self._warned_at.get(cause)
+        if last is not None and now - last < WARN_SECONDS:
+            return
+        self._warned_at[cause] = now
+        what = f"did not answer within {self.timeout:g} s" if cause == TIMED_OUT else "could not be reached"
+        self._logger.warning(
+            "Spotify %s at %s: %s; %s (logged at most once a minute per worker and cause)",
+            what, redacted_url(self.token_url), cause, HINTS[cause],
+        )
+
+    def _send(self, form: dict[str, str]) -> dict[str, Any]:
         request = requests.PreparedRequest()
         request.prepare_method("POST")
         request.url = self.token_url
@@ -145,11 +256,35 @@ class AccountsClient:
                 response.content  # read the body here, where a broken answer is caught
         except requests.Timeout:
             raise TimedOut() from None
-        except requests.ConnectionError:
-            raise Unreachable() from None
+        except requests.ConnectionError as err:
+            raise Unreachable(cause_of(err)) from None
         except requests.RequestException:
             raise BadAnswer("Spotify's answer could not be read") from None
         return _read_answer(response)
+
+
+# How often, at most, a worker logs each cause of Spotify being unreachable.
+WARN_SECONDS = 60.0
+
+
+def _outcome(err: SpotifyError) -> str:
+    """A failed call's outcome as metrics label it: Spotify's error code, or what went wrong."""
+    if isinstance(err, Denied):
+        return _code(err.answer.get("error"))
+    if isinstance(err, RateLimited):
+        return _code(err.answer.get("error")) if err.answer else "rate_limited"
+    if isinstance(err, Unreachable):
+        return "unreachable"
+    if isinstance(err, TimedOut):
+        return "timeout"
+    return "bad_answer"
+
+
+def _code(value: object) -> str:
+    # An OAuth error code is lower-case letters and underscores; anything else is not one.
+    if isinstance(value, str) and 0 < len(value) <= 40 and all(c.islower() or c == "_" for c in value):
+        return value
+    return "other"
 
 
 class _WholeCallTimeout(Exception):
@@ -164,7 +299,7 @@ def _whole_call(seconds: float) -> Iterator[None]:
     could hold a request far longer. Without gevent (flask run, unit tests) the per-wait timeout
     is all there is.
     """
-    if gevent is None or not gevent.monkey.is_module_patched("socket"):
+    if not gevent.monkey.is_module_patched("socket"):
         yield
         return
     try:
@@ -235,11 +370,11 @@ def _read_answer(response: requests.Response) -> dict[str, Any]:
                 raise BadAnswer("Spotify's answer had no valid expires_in")
             body["expires_in"] = expires_in
         return body
-    error = body is not None and isinstance(body.get("error"), str)
+    error = body if body is not None and isinstance(body.get("error"), str) else None
     if status == 429:
-        raise RateLimited(_retry_after(response.headers.get("Retry-After")), body if error else None)
-    if 400 <= status < 500 and error:
-        if body["error"] in CredentialsRefused.ERRORS:
-            raise CredentialsRefused(status, body)
-        raise Denied(status, body)
+        raise RateLimited(_retry_after(response.headers.get("Retry-After")), error)
+    if 400 <= status < 500 and error is not None:
+        if error["error"] in CredentialsRefused.ERRORS:
+            raise CredentialsRefused(status, error)
+        raise Denied(status, error)
     raise BadAnswer(f"Spotify answered with HTTP {status}")

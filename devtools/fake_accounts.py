@@ -159,6 +159,8 @@ class FakeAccounts:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self._ssl is not None:
+            self._tmp.cleanup()  # the certificate made at start
 
     # -- answering -----------------------------------------------------------------------------
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes, *, faults: bool = True):

@@ -113,6 +113,7 @@ class Nginx:
 
     def pids(self) -> list[int]:
         """The master and its workers."""
+        assert self.process is not None, "nginx was started"
         return with_children(self.process.pid)
 
     def stop(self, timeout: float = 10) -> None:

@@ -5,6 +5,7 @@ Helpers and constants that tests import live in tests/helpers.py; fixtures are o
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,6 +21,18 @@ from tests.helpers import BASE_CONFIG, app_for
 # Where CI is set, a skipped test fails (tests/tools.py): every tool is installed there.
 pytest_plugins = ["tests.tools"]
 
+
+
+@pytest.fixture(autouse=True)
+def _only_e2e_tests_start_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pytest -m "not e2e"` stays the fast inner loop: a test not marked e2e that starts a process fails."""
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("this test starts a process: mark it @pytest.mark.e2e")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,8 @@ from limits.storage import RedisClusterStorage, RedisSentinelStorage, RedisStora
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from devtools.process import free_port
+from devtools.redis import RedisServer
+from tests.tools import require
 from limitstore import (
     REDIS_TIMEOUT_SECONDS,
     ProcessMemory,
@@ -113,37 +113,20 @@ def test_redis_sentinel_gets_socket_timeouts_for_the_sentinels_and_the_master():
         assert {name: kwargs.get(name) for name in TIMEOUTS} == TIMEOUTS
 
 
-def start_redis(*args: str) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH: install it (apt-get install redis-server; .ci/run does)")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    with redis.Redis(port=port) as probe:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                return process, port
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    pytest.fail(f"redis-server did not start on port {port}")
-                time.sleep(0.05)
+def start_redis(*args: str) -> RedisServer:
+    require("redis-server")
+    return RedisServer(*args).start()
 
 
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[int]:
     """A one-node Redis cluster holding every slot, on a free 127.0.0.1 port."""
     # The cluster bus needs a port of its own (by default the port + 10000, which may not exist).
-    process, port = start_redis(
+    server = start_redis(
         "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),
         "--cluster-port", str(free_port()),
     )
+    port = server.port
     try:
         with redis.Redis(port=port) as node:
             node.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
@@ -153,10 +136,10 @@ def redis_cluster(tmp_path: Path) -> Iterator[int]:
                 time.sleep(0.05)
         yield port
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
+@pytest.mark.e2e
 def test_redis_cluster_gets_socket_timeouts_on_every_node(redis_cluster):
     storage = storage_for(f"redis+cluster://127.0.0.1:{redis_cluster}")
     assert isinstance(storage, RedisClusterStorage)
@@ -168,9 +151,12 @@ def test_redis_cluster_gets_socket_timeouts_on_every_node(redis_cluster):
         assert {name: kwargs.get(name) for name in TIMEOUTS} == TIMEOUTS
 
 
+@pytest.mark.e2e
 def test_a_redis_that_stops_answering_is_given_up_on_within_the_timeout():
-    process, port = start_redis()
-    storage = storage_for(f"redis://127.0.0.1:{port}")
+    server = start_redis()
+    assert server.process is not None
+    process = server.process
+    storage = storage_for(server.url)
     try:
         assert storage.check()
         process.send_signal(signal.SIGSTOP)  # the server holds its connections and answers nothing
@@ -180,47 +166,15 @@ def test_a_redis_that_stops_answering_is_given_up_on_within_the_timeout():
         assert time.monotonic() - started < REDIS_TIMEOUT_SECONDS + 1
     finally:
         process.send_signal(signal.SIGCONT)
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 # -- a storage that forgot its counts ---------------------------------------------------------------
 
 
-class RedisOnPort:
-    """A redis-server on one free 127.0.0.1 port that can be restarted on the same port."""
-
-    def __init__(self, *args: str):
-        self._args = args
-        self.process, self.port = start_redis(*args)
-
-    def restart(self) -> None:
-        self.stop()
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *self._args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        with redis.Redis(port=self.port) as probe:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    probe.ping()
-                    return
-                except redis.ConnectionError:
-                    assert self.process.poll() is None and time.monotonic() < deadline, "redis-server did not restart"
-                    time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
 @pytest.fixture
-def restartable_redis() -> Iterator[RedisOnPort]:
-    server = RedisOnPort()
+def restartable_redis() -> Iterator[RedisServer]:
+    server = start_redis()
     try:
         yield server
     finally:
@@ -231,6 +185,7 @@ def forgot_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]
     return [r for r in caplog.records if "forgot its counts" in r.getMessage()]
 
 
+@pytest.mark.e2e
 def test_a_redis_restarted_empty_is_said_once_by_one_of_the_processes_sharing_it(restartable_redis, caplog):
     uri = f"redis://127.0.0.1:{restartable_redis.port}"
     logger = logging.getLogger("test.storage")
@@ -247,8 +202,9 @@ def test_a_redis_restarted_empty_is_said_once_by_one_of_the_processes_sharing_it
     assert len(forgot_warnings(caplog)) == 1
 
 
+@pytest.mark.e2e
 def test_a_redis_restarted_with_its_data_is_not_said(tmp_path, caplog):
-    server = RedisOnPort("--appendonly", "yes", "--dir", str(tmp_path))
+    server = start_redis("--appendonly", "yes", "--dir", str(tmp_path))
     try:
         watch = StorageWatch(storage_for(f"redis://127.0.0.1:{server.port}"), logging.getLogger("test.storage"))
         assert not watch.look()
@@ -269,6 +225,7 @@ def test_the_watch_looks_at_most_once_a_second():
     assert watch.due()
 
 
+@pytest.mark.e2e
 def test_limits_say_a_restarted_redis_forgot_the_budgets(restartable_redis, caplog):
     limits = Limits("3/hour", None, f"redis://127.0.0.1:{restartable_redis.port}")
     for _ in range(3):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 ROOT = Path(__file__).resolve().parent.parent
 # What the service needs, as the Makefile says it.
 MIN_PYTHON = tuple(int(part) for part in re.findall(

@@ -7,9 +7,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -26,6 +24,8 @@ from crypto import TokenSealer
 from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import Server, free_port
+from devtools.redis import RedisServer
+from tests.tools import require
 from limitstore import seconds_to_window_end
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
@@ -430,30 +430,9 @@ def test_an_unreachable_limit_store_fails_open_and_says_so(caplog):
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[str]:
     """A throwaway redis-server on a free 127.0.0.1 port, no persistence."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH: install it (apt-get install redis-server; .ci/run does)")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        with redis.Redis(port=port) as probe:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    probe.ping()
-                    break
-                except redis.ConnectionError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"redis-server did not start on port {port}")
-                    time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
+    require("redis-server")
+    with RedisServer() as server:
+        yield server.url
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import server
 from devtools.fake_accounts import FakeAccounts
 from devtools.flood import raise_open_file_limit
 from devtools.process import CLOSE, Server
-from tests.conftest import server_env
+from tests.helpers import server_env
 
 
 def test_the_one_patch_still_reaches_gunicorn():
@@ -136,6 +136,7 @@ def test_300_connections_holding_unfinished_heads_leave_health_under_a_second(bo
 # -- the access line's client field --------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_the_access_lines_client_field_is_bounded_and_escaped():
     """Behind a proxy the client is X-Forwarded-For's, the client's to fill: never logged whole or raw."""
     # As long as a header field may be (the head's bounds); a tab and a byte beyond ASCII in it.

@@ -23,6 +23,8 @@ from devtools.fake_accounts import CLIENT_ID
 from server import DRAIN_SECONDS
 from tests.helpers import BASE_CONFIG, SECRET, server_env
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 ROOT = Path(__file__).resolve().parent.parent
 SEALER = TokenSealer([SECRET], CLIENT_ID)
 
@@ -64,7 +66,7 @@ def swap_request(code: str) -> bytes:
             b"Content-Length: %d\r\n\r\n" % len(body)) + body
 
 
-def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting: {what}"

@@ -14,6 +14,8 @@ import pytest
 
 from tests.tools import needs
 
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TESTS = '''

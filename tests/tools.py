@@ -25,6 +25,8 @@ TOOLS = {
     "node": "a Node OAuth client library",
     "curl": "the README's examples",
     "nginx": "deploy/nginx.conf in front of the server",
+    "prometheus": "scraping /metrics for real (Debian's package also brings promtool)",
+    "promtool": "checking deploy/prometheus-rules.yml (Debian's prometheus package)",
 }
 # Debian puts nginx (and other daemons) in /usr/sbin, which is not on every user's PATH.
 SBIN = "/usr/sbin:/usr/local/sbin"

@@ -1,0 +1,120 @@
+"""Log lines: request ids (X-Request-ID in, out, and on every line of a request) and LOG_FORMAT=json.
+
+gunicorn takes the JSON formatter through its public `logconfig_dict` setting (json_logconfig());
+the app wires the request id with init_app().
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Flask, Response, g, has_request_context, request
+from flask.logging import default_handler
+
+HEADER = "X-Request-ID"
+# Where the request id is left in the WSGI environ, for gunicorn's access line (atom
+# %({tokenswap.request_id}e)s).
+ENVIRON_KEY = "tokenswap.request_id"
+# An incoming id is kept if printable ASCII without spaces, at most 200 characters (Heroku's router
+# sends a UUID); anything else is replaced by a fresh one.
+_VALID_ID = re.compile(r"[\x21-\x7e]{1,200}")
+# gunicorn's access-line atoms, by the names JSON lines give them (the same atoms as the text line).
+ACCESS_ATOMS = {"client": "h", "method": "m", "path": "U", "status": "s", "bytes": "B", "ms": "M"}
+_ACCESS_ID_ATOM = "{%s}e" % ENVIRON_KEY
+# Text lines of the app's own logger: Flask's format, and the request id.
+TEXT_FORMAT = "[%(asctime)s] %(levelname)s in %(module)s: %(message)s (request %(request_id)s)"
+
+
+def request_id() -> str:
+    """This request's id: the client's X-Request-ID if it is acceptable, else a fresh one."""
+    rid: str | None = g.get("request_id")
+    if rid is None:
+        given = request.headers.get(HEADER, "")
+        rid = given if _VALID_ID.fullmatch(given) else uuid.uuid4().hex
+        g.request_id = rid
+        request.environ[ENVIRON_KEY] = rid
+    return rid
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives each record `request_id`: the current request's, or "-" outside a request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id() if has_request_context() else "-"
+        return True
+
+
+def init_app(app: Flask) -> None:
+    """Echo each request's id in its answer, and put it on the app logger's lines."""
+
+    @app.before_request
+    def take_request_id() -> None:
+        request_id()
+
+    @app.after_request
+    def echo_request_id(response: Response) -> Response:
+        response.headers[HEADER] = request_id()
+        return response
+
+    app.logger.addFilter(RequestIdFilter())
+    # Flask's own handler (text mode; under LOG_FORMAT=json the root's JSON handler serves instead).
+    default_handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message; for access lines the access atoms too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        args = record.args
+        if record.name == "gunicorn.access" and isinstance(args, Mapping):
+            for name, atom in ACCESS_ATOMS.items():
+                line[name] = args[atom]
+            rid = args[_ACCESS_ID_ATOM]
+            if rid not in (None, "-"):
+                line["request_id"] = rid
+        request_id = getattr(record, "request_id", None)
+        if request_id not in (None, "-"):
+            line["request_id"] = request_id
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["traceback"] = record.exc_text
+        return json.dumps(line, default=str, ensure_ascii=True)
+
+
+def json_logconfig() -> dict[str, Any]:
+    """gunicorn's `logconfig_dict` for LOG_FORMAT=json: gunicorn's own lines to stderr, access lines
+    to stdout, the application's (through the root logger) to stderr, as in text mode."""
+    formatter = {"()": f"{__name__}.JsonFormatter"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        # Warnings and errors of the application, as Python logs them by default.
+        "root": {"level": "WARNING", "handlers": ["error_console"]},
+        "loggers": {
+            # No level here: gunicorn's own loglevel setting stays in charge of its error log.
+            "gunicorn.error": {"handlers": ["error_console"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+        },
+        "handlers": {
+            "console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
+            "error_console": {
+                "class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr",
+            },
+        },
+        "formatters": {"json": formatter, "generic": formatter},
+    }
