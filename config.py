@@ -39,6 +39,11 @@ SERVER_VARIABLES: dict[str, str] = {
     "WEB_CONCURRENCY": "Number of gunicorn worker processes (default 2)",
 }
 
+# Set by `make run` (run.py) for the server it starts, never by an operator: not in the deploy descriptors.
+DEV_VARIABLES: dict[str, str] = {
+    "TOKENSWAP_CREDENTIALS_CHECKED": "What make run's check of the Spotify credentials found: accepted or failed",
+}
+
 MIN_SECRET_LENGTH = 16
 
 # How long a request may take to send its body once its headers have arrived (app.py's 408).
@@ -80,6 +85,7 @@ class Config:
     client_credentials: bool = False
     metrics_token: str | None = None
     log_format: str = "text"
+    credentials_checked: str | None = None  # make run's check: "accepted", "failed", or None (not checked)
 
 
 def generate_secret() -> str:
@@ -297,6 +303,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         client_credentials=client_credentials,
         metrics_token=metrics_token,
         log_format=log_format,
+        credentials_checked=get("TOKENSWAP_CREDENTIALS_CHECKED") or None,
     )
 
 

@@ -57,6 +57,7 @@ def _page() -> str:
         accounts_url=redacted_url(config.accounts_url),
         api_url=redacted_url(config.api_url),
         stand_in=config.accounts_url != Config.accounts_url or config.api_url != Config.api_url,
+        credentials_checked=config.credentials_checked,
         dashboard_url=DASHBOARD_URL,
         scope=SCOPE,
     )

@@ -28,7 +28,7 @@ from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 
 import crypto
-from config import SERVER_VARIABLES, VARIABLES, generate_secret, load_config
+from config import DEV_VARIABLES, SERVER_VARIABLES, VARIABLES, generate_secret, load_config
 from tests.helpers import BASE_CONFIG
 from devtools.process import free_port, wait_until_up, web_command
 
@@ -208,7 +208,7 @@ def test_config_reads_exactly_the_listed_variables():
     """VARIABLES, which every descriptor is checked against, is what load_config really reads."""
     environ = _Recording({**DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
     load_config(environ)
-    assert environ.read == set(VARIABLES)
+    assert environ.read == set(VARIABLES) | set(DEV_VARIABLES)
 
 
 def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch, tmp_path):
@@ -216,7 +216,7 @@ def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch, tmp_pat
     environ = _Recording({**os.environ, **DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
     monkeypatch.setattr(os, "environ", environ)
     runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    assert environ.read - set(VARIABLES) == set(SERVER_VARIABLES)
+    assert environ.read - set(VARIABLES) - set(DEV_VARIABLES) == set(SERVER_VARIABLES)
 
 
 def test_app_json_names_exactly_the_variables():

@@ -202,3 +202,16 @@ def test_credentials_in_the_spotify_urls_never_reach_the_page():
         assert secret not in shown
     assert 'data-accounts-url="http://127.0.0.1:9"' in shown
     assert "connect-src 'self' https://api.example.com;" in response.headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("checked, says", [
+    ("accepted", "Credentials checked."),
+    ("failed", "The credentials check failed."),
+    ("", "Credentials not checked here."),
+])
+def test_the_page_says_whether_make_run_checked_the_credentials(checked, says):
+    # Real credentials (Spotify's own accounts URL): no stand-in notice, so the check's result shows.
+    page = page_client(SPOTIFY_ACCOUNTS_URL="https://accounts.spotify.com", SPOTIFY_API_URL="https://api.spotify.com",
+                       TOKENSWAP_CREDENTIALS_CHECKED=checked).get("/").get_data(as_text=True)
+    assert says in page
+    assert 'id="stand-in"' not in page
