@@ -126,6 +126,8 @@ class Nginx:
 
     def pids(self) -> list[int]:
         """The master and its workers."""
+        if self.process is None:
+            raise RuntimeError("nginx was not started")
         return with_children(self.process.pid)
 
     def stop(self, timeout: float = 10) -> None:

@@ -19,7 +19,8 @@ from config import VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# One request in gunicorn.conf.py's access_log_format (server.ACCESS_LOG_FORMAT): client "METHOD PATH" status bytes duration.
+# One request in gunicorn.conf.py's access_log_format (server.ACCESS_LOG_FORMAT):
+# client "METHOD PATH" status bytes duration.
 ACCESS_LINE = re.compile(
     r'(?P<client>\S+) "(?P<method>[A-Z]+) (?P<path>\S*)" (?P<status>\d{3}) (?P<bytes>\S+) (?P<ms>\d+)ms'
 )
