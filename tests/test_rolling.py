@@ -142,8 +142,9 @@ def test_a_rolling_restart_of_three_instances_under_load_loses_no_request(shared
             for server in servers:
                 server.stop()
     took = time.monotonic() - started
+    resets = errors.count("recv() failed (104: Connection reset by peer)")
     print(f"rolling restart: {total} requests ({figures}), {len(failures)} failed, {restarts} restarts, "
-          f"{took:.1f} s")
+          f"{took:.1f} s; nginx sent {resets} reset request(s) to another instance")
     assert failures == [], failures[:10]
     assert restarts == INSTANCES
     assert total >= 500, figures
