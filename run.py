@@ -21,14 +21,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from dotenv import dotenv_values, set_key
 
+import check
 from config import generate_secret
-from devtools.process import web_command
+from devtools.process import wait_until_up, web_command
 
 ROOT = Path(__file__).resolve().parent
 # Spotify's Ruby demo listens here, and the iOS SDK's demo projects send their swaps and refreshes here.
@@ -116,18 +115,6 @@ def port_in_use(host: str, port: int) -> str:
             f"Stop it, or choose another port: make run PORT={8000 if port != 8000 else 8080}")
 
 
-def wait_until_up(server: subprocess.Popen, url: str, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while server.poll() is None and time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as answer:
-                if answer.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.2)
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
@@ -164,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         stand_in = describe(fake.url)
         env.update(SPOTIFY_CLIENT_ID=CLIENT_ID, SPOTIFY_CLIENT_SECRET=CLIENT_SECRET,
                    SPOTIFY_ACCOUNTS_URL=fake.url, SPOTIFY_API_URL=fake.url)
+    else:
+        # Real credentials: ask Spotify before serving (what `flask --app app check` does), say what it found,
+        # and tell the page (TOKENSWAP_CREDENTIALS_CHECKED). A failed check is said, and the service still starts.
+        print("Checking this deployment before serving (.venv/bin/flask --app app check):", flush=True)
+        variables = {**{name: value for name, value in dotenv.items() if value is not None}, **os.environ}
+        passed = check.report(variables, lambda line: print("  " + line, flush=True))
+        env["TOKENSWAP_CREDENTIALS_CHECKED"] = "accepted" if passed else "failed"
 
     local = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
     callbacks = [uri.strip() for uri in setting("SPOTIFY_CLIENT_CALLBACK_URL", dotenv).split(",")]
@@ -186,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        if wait_until_up(server, local) and not stops:
+        if wait_until_up(local, server, timeout=60) and not stops:
             print(banner(args.host, args.port, stand_in, lan_address() if args.host == "0.0.0.0" else None,
                          f"{local}/callback" in callbacks), flush=True)
         code = server.wait()

@@ -1,8 +1,9 @@
 """The server process: the gunicorn worker and logger classes that gunicorn.conf.py names.
 
 `worker_class = "server.Worker"`: gunicorn's gevent worker, which also knows which of its connections are
-waiting for a request, so that a stop closes those at once and lets every request whose headers have
-arrived finish, its body included (docs/operations.md, "Stopping").
+waiting for a request, so that a stop drains them (answers that close their connection), then closes the
+idle ones, and lets every request whose headers have arrived finish, its body included; the workers of a
+killed master stop the same way (docs/operations.md, "Stopping").
 `logger_class = "server.Logger"`: gunicorn's logger, with no code, token or forged line in what it writes.
 """
 
@@ -131,8 +132,8 @@ MAX_HEAD_BYTES = LIMIT_REQUEST_LINE + 2 + LIMIT_REQUEST_FIELDS * (LIMIT_REQUEST_
 
 # How long a stopping worker keeps answering requests that arrive on its open connections (each answer
 # then closes its connection) before it closes the idle ones. A load balancer that reuses idle
-# connections must never send a request on one at the moment it is closed (it would answer its client
-# 502, never retrying a POST): deploy/nginx.conf closes its idle connections to the service after 2 s
+# connections must never send a request on one at the moment it is closed (nginx logs the reset and, for
+# a POST, answers 502 unless told to retry): deploy/nginx.conf closes its idle connections to the service after 2 s
 # (its upstream keepalive_timeout), so by the end of the drain every connection nginx still holds has
 # been used since the stop began, and was closed by the answer. Far shorter than every platform's
 # grace period (docs/operations.md, "Stopping").
@@ -144,7 +145,7 @@ class _Stopping(Exception):
 
 
 class Worker(GeventWorker):
-    """gunicorn's gevent worker (the `worker_class` setting), whose stop a load balancer never sees as an error.
+    """gunicorn's gevent worker (the `worker_class` setting), whose stop loses no request.
 
     On SIGTERM (or when its master is gone) it stops accepting connections (gunicorn does, within a
     second); for DRAIN_SECONDS it keeps answering requests that arrive on its open connections, each

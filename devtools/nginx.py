@@ -2,13 +2,15 @@
 
 The file run is the shipped one: only its listen lines (to free 127.0.0.1 ports, with a plain-HTTP
 listener beside the TLS one), its certificate (a fresh self-signed one), its pid and log paths (a
-temporary directory) and its upstream's port change. Each of those lines must appear exactly once,
-so the file cannot change shape without this noticing.
+temporary directory, the error log at `error` level rather than `crit`, so that tests see what nginx
+met) and its upstream's ports change. Each of those lines must appear exactly once,
+and the upstream's server lines as shipped, so the file cannot change shape without this noticing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,19 +35,30 @@ def nginx_binary() -> str:
     return found
 
 
-def loopback_config(text: str, *, tls_port: int, plain_port: int, http_port: int, upstream_port: int,
+# The upstream's lines as shipped: one per instance, each with the same parameters.
+UPSTREAM_SERVER = re.compile(r"server 127\.0\.0\.1:\d+(?P<parameters>(?: [a-z_]+=\w+)*);")
+SHIPPED_INSTANCES = 2
+
+
+def loopback_config(text: str, *, tls_port: int, plain_port: int, http_port: int, upstream_ports: list[int],
                     directory: str, cert: str, key: str) -> str:
     """deploy/nginx.conf with its listen, certificate, pid and log lines and its upstream moved to loopback."""
+    servers = [(line, match) for line in text.splitlines() if (match := UPSTREAM_SERVER.fullmatch(line.strip()))]
+    if len(servers) != SHIPPED_INSTANCES or len({match["parameters"] for _, match in servers}) != 1:
+        raise ValueError(f"{CONFIG} should list {SHIPPED_INSTANCES} upstream servers with the same parameters")
+    parameters = servers[0][1]["parameters"]
+    first = servers[0][0].strip()
     by_line = {
         "listen 443 ssl;": [f"listen 127.0.0.1:{tls_port} ssl;", f"listen 127.0.0.1:{plain_port};"],
         "listen [::]:443 ssl;": [],
         "listen 80;": [f"listen 127.0.0.1:{http_port};"],
         "listen [::]:80;": [],
-        "server 127.0.0.1:8000;": [f"server 127.0.0.1:{upstream_port};"],
+        first: [f"server 127.0.0.1:{port}{parameters};" for port in upstream_ports],
+        **{line.strip(): [] for line, _ in servers[1:]},
         "ssl_certificate /etc/letsencrypt/live/tokens.example.com/fullchain.pem;": [f"ssl_certificate {cert};"],
         "ssl_certificate_key /etc/letsencrypt/live/tokens.example.com/privkey.pem;": [f"ssl_certificate_key {key};"],
         "pid /run/nginx.pid;": [f"pid {directory}/nginx.pid;"],
-        "error_log /var/log/nginx/error.log crit;": [f"error_log {directory}/error.log crit;"],
+        "error_log /var/log/nginx/error.log crit;": [f"error_log {directory}/error.log error;"],
         "access_log /var/log/nginx/access.log tokenswap;": [f"access_log {directory}/access.log tokenswap;"],
     }
     seen = dict.fromkeys(by_line, 0)
@@ -65,10 +78,10 @@ def loopback_config(text: str, *, tls_port: int, plain_port: int, http_port: int
 
 
 class Nginx:
-    """deploy/nginx.conf as a real nginx process on loopback, in front of 127.0.0.1:upstream_port."""
+    """deploy/nginx.conf as a real nginx process on loopback, in front of instances at 127.0.0.1:upstream_ports."""
 
-    def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
+    def __init__(self, *upstream_ports: int):
+        self.upstream_ports = list(upstream_ports)
         self.tls_port, self.plain_port, self.http_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.plain_port}"
         self.tls_url = f"https://127.0.0.1:{self.tls_port}"
@@ -82,7 +95,7 @@ class Nginx:
         self.config = os.path.join(self.directory, "nginx.conf")
         Path(self.config).write_text(loopback_config(
             CONFIG.read_text(), tls_port=self.tls_port, plain_port=self.plain_port, http_port=self.http_port,
-            upstream_port=upstream_port, directory=self.directory, cert=self.cert, key=key,
+            upstream_ports=self.upstream_ports, directory=self.directory, cert=self.cert, key=key,
         ))
 
     def start(self, timeout: float = 20) -> "Nginx":
@@ -113,7 +126,8 @@ class Nginx:
 
     def pids(self) -> list[int]:
         """The master and its workers."""
-        assert self.process is not None, "nginx was started"
+        if self.process is None:
+            raise RuntimeError("nginx was not started")
         return with_children(self.process.pid)
 
     def stop(self, timeout: float = 10) -> None:

@@ -57,7 +57,9 @@ from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import Server
 
 SECRET = "soak-secret-0123456789abcdef-not-for-production"
-GRACEFUL_TIMEOUT = 30.0  # gunicorn.conf.py
+# Stricter than the graceful_timeout gunicorn.conf.py computes (35 s with the default SPOTIFY_TIMEOUT):
+# the soak's stop must end well within it.
+GRACEFUL_TIMEOUT = 30.0
 ATTACKER = "198.51.100.66"
 RAW_REFRESH = "AQ-soak-raw-refresh"
 # Strings that must never leave the server: in an answer or in its log.

@@ -206,7 +206,7 @@ def test_credentials_in_the_spotify_urls_never_reach_the_page():
 
 @pytest.mark.parametrize("checked, says", [
     ("accepted", "Credentials checked."),
-    ("failed", "The credentials check failed."),
+    ("failed", "The check failed."),
     ("", "Credentials not checked here."),
 ])
 def test_the_page_says_whether_make_run_checked_the_credentials(checked, says):

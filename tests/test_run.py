@@ -21,6 +21,7 @@ from dotenv import dotenv_values
 
 import run
 from config import MIN_SECRET_LENGTH, load_config
+from devtools.fake_accounts import FakeAccounts
 from devtools.process import CLOSE, free_port, json_answer
 from server import DRAIN_SECONDS
 from tests.test_dotenv import bare_environment, copy_of_the_service, started
@@ -110,6 +111,31 @@ def test_from_a_fresh_copy_it_serves_against_the_stand_in(tmp_path):
     secret = dotenv_values(directory / ".env")["ENCRYPTION_SECRET"]
     for value in (secret, "test-client-secret", code, tokens["access_token"], tokens["refresh_token"]):
         assert value not in console
+
+
+@pytest.mark.parametrize("secret, says, page_says", [
+    ("test-client-secret", "ok   Spotify accepts SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET", "Credentials checked."),
+    ("a-wrong-secret", "FAIL Spotify refuses the credentials", "The check failed."),
+])
+def test_with_credentials_in_dotenv_it_checks_them_before_serving_and_the_page_says_so(tmp_path, secret, says,
+                                                                                           page_says):
+    directory = copy_of_the_service(tmp_path)
+    with FakeAccounts(record=False) as spotify:
+        # Credentials in .env, as a user's would be; the stand-in plays Spotify at SPOTIFY_ACCOUNTS_URL.
+        example = (directory / ".env.example").read_text()
+        (directory / ".env").write_text(example + f"\nSPOTIFY_CLIENT_ID=test-client-id\nSPOTIFY_CLIENT_SECRET={secret}\n"
+                                        f"SPOTIFY_ACCOUNTS_URL={spotify.url}\nSPOTIFY_API_URL={spotify.url}\n"
+                                        f"ENCRYPTION_SECRET={'s' * 32}\n")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with started([sys.executable, "run.py", "--port", str(port)], directory, bare_environment(), url) as output:
+            page = requests.get(url + "/", headers=CLOSE, timeout=10).text
+    console = output()
+    assert "Checking this deployment before serving" in console
+    assert says in console
+    assert console.index(says) < console.index("The token swap service is running")
+    assert page_says in page
+    assert secret not in console
 
 
 # -- stopping, and a port already taken --------------------------------------------------------

@@ -88,7 +88,8 @@ def test_the_head_bound_is_about_64_kb_and_gunicorn_conf_sets_it():
 
 
 def test_100_kb_of_headers_is_a_json_431(bounded):
-    for head in (head_of(100_000) + b"\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n"):
+    one_field = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n"
+    for head in (head_of(100_000) + b"\r\n", one_field):
         answer = answer_to(head, bounded.port)
         status_line, _, rest = answer.partition(b"\r\n")
         assert status_line.startswith(b"HTTP/1.1 431 "), answer[:200]

@@ -147,7 +147,7 @@ def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_reque
         output = server.output()
 
     assert exit_code == 0
-    assert DRAIN_SECONDS - 0.2 < closed_after < DRAIN_SECONDS + 1.5, f"idle connections closed after {closed_after:.1f} s"
+    assert DRAIN_SECONDS - 0.2 < closed_after < DRAIN_SECONDS + 1.5, f"idle ones closed after {closed_after:.1f} s"
     assert drained_answer[0] == 200 and drained_answer[1]["connection"] == "close"
     for code, (status, headers, body) in answers:
         assert status == 200, body

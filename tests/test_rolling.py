@@ -1,0 +1,158 @@
+"""Several instances behind the shipped nginx configuration, sharing one Redis, restarted one at a time under load:
+not one request may fail (docs/deploy-vm.md, "Several instances")."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from devtools.fake_accounts import FakeAccounts
+from devtools.nginx import Nginx
+from devtools.process import Server
+from devtools.redis import RedisServer
+from tests.helpers import server_env
+from tests.tools import require
+
+pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+
+INSTANCES = 3
+CLIENTS = 20
+
+
+@pytest.fixture(scope="module")
+def shared_redis() -> Iterator[str]:
+    """A throwaway redis-server on a free 127.0.0.1 port, no persistence."""
+    require("redis-server")
+    with RedisServer() as server:
+        yield server.url
+
+
+class Clients:
+    """CLIENTS threads, each swapping a code and then refreshing the sealed token it got, over and over,
+    on keep-alive connections to nginx; every answer that is not a 200 with a token is a failure."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.results: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self.running = True
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(CLIENTS)]
+
+    def client(self) -> None:
+        with requests.Session() as session:
+            while self.running:
+                sealed = self.call(session, "/swap", {"code": f"code-{uuid.uuid4().hex}"})
+                for _ in range(3):
+                    if not self.running or sealed is None:
+                        break
+                    self.call(session, "/refresh", {"refresh_token": sealed})
+
+    def call(self, session: requests.Session, path: str, form: dict[str, str]) -> str | None:
+        """One request; the sealed refresh token of a successful swap."""
+        sealed = None
+        try:
+            response = session.post(self.url + path, data=form, timeout=30)
+            ok = response.status_code == 200 and "access_token" in response.json()
+            outcome = "200" if ok else f"{response.status_code} {response.text[:200]}"
+            if ok and path == "/swap":
+                sealed = response.json()["refresh_token"]
+        except (requests.RequestException, ValueError) as err:
+            ok, outcome = False, f"{type(err).__name__}: {err}"
+        with self.lock:
+            self.results[path] += 1
+            if not ok:
+                self.failures.append(f"{time.monotonic():.3f} {path}: {outcome}")
+        return sealed
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.results.values())
+
+    def __enter__(self) -> "Clients":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        for thread in self.threads:
+            thread.join(40)
+
+
+@pytest.mark.timeout(120)
+def test_a_rolling_restart_of_three_instances_under_load_loses_no_request(shared_redis):
+    """Each instance in turn is sent SIGTERM while 20 clients swap and refresh through nginx, then started
+    again; the next waits until the restarted one serves again. Not one request may fail."""
+    started = time.monotonic()
+    restarts = 0
+    with FakeAccounts(latency=0.02) as fake:
+        env = server_env(fake.url, TRUSTED_PROXIES="1", RATE_LIMIT_STORAGE_URI=shared_redis, WEB_CONCURRENCY="1",
+                         SPOTIFY_TIMEOUT="10")
+        servers = [Server(env) for _ in range(INSTANCES)]
+        try:
+            for server in servers:
+                server.start()
+            with Nginx(*(server.port for server in servers)) as nginx, Clients(nginx.url) as clients:
+                for server in servers:
+                    # Load on every instance, this one included, before it is stopped.
+                    since = len(server.output())
+                    deadline = time.monotonic() + 15
+                    while len(server.access_log(since)) < 50:
+                        assert time.monotonic() < deadline, "the instance got no traffic"
+                        time.sleep(0.05)
+                    assert server.stop() == 0
+                    restarts += 1
+                    server.start()
+                    since = len(server.output())
+                    deadline = time.monotonic() + 15
+                    while len(server.access_log(since)) < 50:  # back in nginx's rotation
+                        assert time.monotonic() < deadline, "nginx never sent the restarted instance traffic"
+                        time.sleep(0.05)
+                total = clients.total()
+                clients.__exit__()
+                errors = nginx.errors()  # before its directory goes
+            figures = dict(clients.results)
+            failures = list(clients.failures)
+            outputs = [server.output() for server in servers]
+        finally:
+            for server in servers:
+                server.stop()
+    took = time.monotonic() - started
+    resets = errors.count("recv() failed (104: Connection reset by peer)")
+    print(f"rolling restart: {total} requests ({figures}), {len(failures)} failed, {restarts} restarts, "
+          f"{took:.1f} s; nginx sent {resets} reset request(s) to another instance")
+    assert failures == [], failures[:10]
+    assert restarts == INSTANCES
+    assert total >= 500, figures
+    assert took < 60
+    # What nginx saw: refused connections (a stopped instance), and resets of requests that never reached
+    # the service, each retried on another instance; nothing else.
+    for line in errors.splitlines():
+        assert "[alert] " in line and "setrlimit" in line or "connect() failed (111: Connection refused)" in line \
+            or "recv() failed (104: Connection reset by peer) while reading response header" in line, line
+    for output in outputs:
+        assert "Traceback" not in output and "[ERROR]" not in output
+
+
+def test_the_systemd_template_unit_runs_the_procfiles_command_on_its_port_and_waits_out_a_stop(monkeypatch, tmp_path):
+    import runpy
+
+    from devtools.process import ROOT, web_command
+    from tests.helpers import BASE_CONFIG
+
+    unit = dict(line.split("=", 1) for line in (ROOT / "deploy/spotify-token-swap@.service").read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+    assert unit["ExecStart"] == "/opt/spotify-token-swap/.venv/bin/" + web_command().replace("'", '"')
+    assert unit["Environment"] == '"GUNICORN_CMD_ARGS=--bind 127.0.0.1:%i"'
+    assert (unit["KillSignal"], unit["KillMode"]) == ("SIGTERM", "mixed")  # the master alone gets SIGTERM
+    monkeypatch.chdir(tmp_path)
+    for name, value in BASE_CONFIG.items():
+        monkeypatch.setenv(name, value)
+    assert int(unit["TimeoutStopSec"]) > runpy.run_path(str(ROOT / "gunicorn.conf.py"))["graceful_timeout"]
