@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 
 from config import VARIABLES
 from devtools.fake_accounts import FakeAccounts
+from limitstore import seconds_to_window_end
 from tests.helpers import BASE_CONFIG, app_for
 
 # Where CI is set, a skipped test fails (tests/tools.py): every tool is installed there.
@@ -44,21 +45,22 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _window_room(request: pytest.FixtureRequest) -> None:
-    """A test marked `window(seconds)` starts with at least that many seconds left in the current minute,
-    hour and day.
+    """A test marked `window(seconds, rates="1/minute")` starts with at least that many seconds left in the
+    fixed windows of those rates.
 
-    limits' sliding windows begin on the minute, hour or day: a test that straddles a window's start
-    sees its earlier counts weigh less than one each, and one more request gets through than it counts
-    on. Waiting for the next window is waiting on the clock itself, which nothing else can signal.
+    limits' sliding windows lean on fixed ones that begin on the minute, hour or day: a test that
+    straddles a window's start sees its earlier counts weigh less than one each, and one more request
+    gets through than it counts on. Waiting for the next window is waiting on the clock itself, which
+    nothing else can signal.
     """
     marker = request.node.get_closest_marker("window")
     if marker is None:
         return
-    needed = float(marker.args[0]) if marker.args else 30.0
-    for length in (60, 3600, 86400):
-        left = length - time.time() % length
-        if left < needed:
-            time.sleep(left + 0.1)
+    needed = float(marker.args[0]) if marker.args else 15.0
+    rates = marker.args[1] if len(marker.args) > 1 else "1/minute"
+    left = seconds_to_window_end(rates)
+    if left < needed:
+        time.sleep(left + 0.5)
 
 
 @pytest.fixture

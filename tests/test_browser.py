@@ -278,6 +278,7 @@ def test_without_an_allowed_callback_the_page_says_which_uri_to_add_and_where(ta
     assert tab.problems() == []
 
 
+@pytest.mark.window(30)
 def test_page_views_never_spend_the_failure_budget(tab, plain_service):
     for _ in range(4):
         for path in ("/", "/callback?error=access_denied&state=s", "/callback?code=c&state=s"):

@@ -181,6 +181,11 @@ def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
         with started(command, directory, bare_environment(**extra), url) as output:
             assert_dotenv_limits_apply(url)
             # The swap went to the .env's accounts service, with the .env's client.
-            assert [r["form"]["code"] for r in fake.requests] == ["first"]
+            grants = [r["form"]["grant_type"] for r in fake.requests]
+            assert [r["form"]["code"] for r in fake.requests if "code" in r["form"]] == ["first"]
     if way == "make run":
         assert "Using Spotify, with the credentials in .env" in output()
+        # make run checked the credentials there first, with an app-only token request.
+        assert grants[0] == "client_credentials"
+    else:
+        assert grants == ["authorization_code"]

@@ -62,6 +62,7 @@ def test_what_is_no_address_has_no_key(spelling):
     assert canonical_address(spelling) is None
 
 
+@pytest.mark.window(5, "1/hour")
 def test_a_forwarded_entry_that_is_no_address_counts_under_the_connection_and_is_logged_once(caplog):
     app = app_for({**BASE_CONFIG, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "2/hour"})
     client = app.test_client()
@@ -76,6 +77,7 @@ def test_a_forwarded_entry_that_is_no_address_counts_under_the_connection_and_is
     assert len(warnings) == 1 and "\\xfcn" in warnings[0]  # written escaped
 
 
+@pytest.mark.window(5, "1/hour")
 def test_a_forwarded_entry_is_never_logged_whole(caplog):
     """A client fills its headers as it likes: a code put there must not reach the log."""
     app = app_for({**BASE_CONFIG, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "5/hour"})
@@ -89,6 +91,7 @@ def test_a_forwarded_entry_is_never_logged_whole(caplog):
 # -- the per-token ceiling ---------------------------------------------------------------------------
 
 
+@pytest.mark.window(5, "1/day")
 def test_a_token_refreshed_past_its_ceiling_is_429_without_calling_spotify():
     # A day's window (ending at midnight UTC): the test does not straddle a window's end, where the
     # sliding window's rounding would let one more through.
@@ -104,6 +107,7 @@ def test_a_token_refreshed_past_its_ceiling_is_429_without_calling_spotify():
     assert refused.get_json()["error"] == "rate_limited" and 0 < int(refused.headers["Retry-After"]) <= 86401
 
 
+@pytest.mark.window(5)
 def test_the_ceiling_is_counted_by_a_hash_of_the_token_never_the_token(monkeypatch):
     keys = []
     original = ratelimit.Limits._spend
@@ -143,6 +147,7 @@ def post_from(server: Server, source: str, path: str, fields: dict, headers: dic
 
 
 @pytest.mark.e2e
+@pytest.mark.window(15)
 def test_one_client_hammering_its_own_token_leaves_spotify_to_the_others(fake_accounts):
     """SPOTIFY_MAX_RATE=10/second: four threads refresh one token for 3 s from 127.0.0.1 while
     another client swaps from 127.0.0.2 at 4 a second; every one of its swaps succeeds."""
@@ -183,6 +188,7 @@ SPELLINGS_V4 = ["::ffff:203.0.113.9", "203.0.113.9:5555", "[::ffff:203.0.113.9]:
 
 
 @pytest.mark.e2e
+@pytest.mark.window(15, "1/hour")
 def test_every_spelling_of_an_address_spends_one_budget(fake_accounts):
     env = server_env(fake_accounts.url, TRUSTED_PROXIES="1", RATE_LIMIT_FAILURES="5/hour", WEB_CONCURRENCY="1")
     with Server(env) as server:
@@ -198,6 +204,7 @@ def test_every_spelling_of_an_address_spends_one_budget(fake_accounts):
 
 
 @pytest.mark.e2e
+@pytest.mark.window(30, "1/hour")
 def test_a_burst_of_junk_after_many_successes_stays_within_the_budget_plus_success_room():
     """300 successes banked, then 100 junk swaps at once: at most 5 + SUCCESS_ROOM reach Spotify."""
     with FakeAccounts(latency=0.3) as fake:

@@ -148,6 +148,7 @@ def test_other_methods_on_the_page_are_json_405():
     assert response.get_json()["error"] == "method_not_allowed"
 
 
+@pytest.mark.window(5, "1/hour")
 def test_page_gets_are_neither_counted_nor_refused_by_the_failure_limit():
     client = page_client(RATE_LIMIT_FAILURES="2/hour", SPOTIFY_CLIENT_CALLBACK_URL=PAGE_CALLBACK)
     for _ in range(5):

@@ -55,6 +55,7 @@ def junk_refresh(source: str, port: int, **headers: str) -> tuple[int, str]:
     return status, body["error"]
 
 
+@pytest.mark.window(20)
 def test_the_failure_budget_applies_to_each_client_behind_the_proxy(proxied):
     server, nginx = proxied
     since = len(server.output())

@@ -26,7 +26,6 @@ from devtools.fake_accounts import CLIENT_ID
 from devtools.process import Server, free_port
 from devtools.redis import RedisServer
 from tests.tools import require
-from limitstore import seconds_to_window_end
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
 SUCCESS_ROOM = 10
@@ -39,16 +38,8 @@ PID_LOG = "--access-logformat '%(p)s %(U)s %(s)s'"
 PID_LINE = re.compile(r"^<(\d+)> (/\S*) (\d{3})$", re.MULTILINE)
 
 
-@pytest.fixture(autouse=True)
-def _whole_window() -> None:
-    """Keep each test inside one clock hour.
-
-    The in-memory sliding window starts on the hour: a test that straddled it would see its
-    earlier failures weigh a little less than one each, and one more failure would get through.
-    """
-    left = seconds_to_window_end("1/hour")
-    if left < 15:  # the longest test here takes a few seconds
-        time.sleep(left + 0.5)
+# Every test here counts against hourly windows: each starts with at least 15 s left in the hour (conftest.py).
+pytestmark = pytest.mark.window(15, "1/hour")
 
 
 def limited_client(**settings: str) -> FlaskClient:
