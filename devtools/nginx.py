@@ -15,13 +15,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import requests
 
 from devtools.fake_accounts import make_certificate
-from devtools.process import free_port, with_children
+from devtools.process import free_port, wait_until_up, with_children
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "nginx.conf"
@@ -105,16 +103,11 @@ class Nginx:
                  "-e", os.path.join(self.directory, "error.log"), "-g", "daemon off;"],
                 stdout=stderr, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.errors()}")
-            try:  # through to the server behind it: both are up
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
+        # Through to the server behind it: both are up.
+        if wait_until_up(self.url, self.process, timeout=timeout):
+            return self
+        if self.process.poll() is not None:
+            raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.errors()}")
         raise RuntimeError(f"nginx not ready after {timeout}s:\n{self.errors()}")
 
     def errors(self) -> str:

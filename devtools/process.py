@@ -97,25 +97,22 @@ class Server:
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
-            # free_port() is only a guess: until gunicorn says it listens, a 200 may come from
-            # another process that took the port in the meantime.
-            if "Listening at: " not in self.output()[self._started_at:]:
-                time.sleep(0.05)
-                continue
-            try:
-                if requests.get(self.url + "/health", timeout=1, headers=CLOSE).status_code == 200:
-                    # gunicorn writes the line after the answer: wait for it, so that it does not
-                    # land among the lines of the test that comes next.
-                    while "/health" not in self.output()[self._started_at:] and time.monotonic() < deadline:
-                        time.sleep(0.02)
-                    return
-            except requests.RequestException:
-                pass
+        process = self.process
+        assert process is not None, "started"
+        # free_port() is only a guess: until gunicorn says it listens, a 200 may come from another
+        # process that took the port in the meantime.
+        while "Listening at: " not in self.output()[self._started_at:]:
+            if process.poll() is not None or time.monotonic() > deadline:
+                break
             time.sleep(0.05)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+        if not wait_until_up(self.url, process, timeout=max(0.0, deadline - time.monotonic())):
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{self.output()}")
+            raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+        # gunicorn writes the line after the answer: wait for it, so that it does not land among the
+        # lines of the test that comes next.
+        while "/health" not in self.output()[self._started_at:] and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def output(self) -> str:
         return Path(self._log.name).read_text(errors="replace")

@@ -6,8 +6,15 @@ Fixtures live in conftest.py; the stand-in for Spotify and the server-process ru
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import uuid
+from collections.abc import Callable, Iterator
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,7 +26,9 @@ from app import create_app
 from config import load_config
 from crypto import Opened, TokenSealer
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
+from devtools.process import wait_until_up
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "unit-test-secret-0123456789abcdef"
 SPOTIFY = "http://127.0.0.1:9"  # never listened on: unit tests fake it with responses
 TOKEN_URL = SPOTIFY + "/api/token"
@@ -155,3 +164,56 @@ def assert_token_answer(response) -> dict:
     assert response.headers["Content-Type"] == JSON_CT
     assert response.headers["Cache-Control"] == "no-store"
     return response.get_json()
+
+
+# -- the service as a user starts it: a copy of its files, an environment without its settings ----------
+
+# What the three commands need, copied into a directory of its own with its own .env: every module of
+# the service (whatever modules it grows), its files, and the development stand-in for Spotify.
+FILES = tuple(sorted(p.name for p in ROOT.glob("*.py"))) + (
+    "Procfile", ".env.example", "templates", "static", "devtools")
+
+
+def copy_of_the_service(directory: Path) -> Path:
+    for name in FILES:
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, target)
+        else:
+            shutil.copy(ROOT / name, target)
+    return directory
+
+
+def bare_environment(**extra: str) -> dict[str, str]:
+    """Nothing of the service's configuration: it must all come from .env."""
+    return {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LANG": "C.UTF-8",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def started(command: list[str], cwd: Path, env: dict[str, str], url: str) -> Iterator[Callable[[], str]]:
+    """A command that serves at url, until the block ends; yields a function returning its output so far."""
+    log_path = cwd / "output.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+
+    def output() -> str:
+        return log_path.read_text(errors="replace")
+
+    try:
+        assert wait_until_up(url, process, timeout=60), f"{command} did not answer /health:\n{output()}"
+        yield output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

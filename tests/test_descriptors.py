@@ -675,7 +675,7 @@ def token_format() -> TokenFormat:
         derivations=derivations,
         aad=aad.group(1).split(" || "),
         max_chars=int(max_chars.group(1)),
-        example=tuple(int(n) for n in example.groups()),  # type: ignore[arg-type]
+        example=tuple(int(n) for n in example.groups()),  # type: ignore[arg-type]  # a fixed-size tuple of the regex's groups
     )
 
 

@@ -3,12 +3,8 @@ command all read .env, values with ";" included, and the environment wins over t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import runpy
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,38 +13,12 @@ import requests
 
 from config import generate_secret
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
-from devtools.process import CLOSE, free_port, json_answer, wait_until_up, web_command
+from devtools.process import CLOSE, free_port, json_answer, web_command
+from tests.helpers import bare_environment, copy_of_the_service, started
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
-# What the three commands need, copied into a directory of its own with its own .env: every module of
-# the service (whatever modules it grows), its files, and the development stand-in for Spotify.
-FILES = tuple(sorted(p.name for p in ROOT.glob("*.py"))) + (
-    "Procfile", ".env.example", "templates", "static", "devtools")
-
-
-def copy_of_the_service(directory: Path) -> Path:
-    for name in FILES:
-        target = directory / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, target)
-        else:
-            shutil.copy(ROOT / name, target)
-    return directory
-
-
-def bare_environment(**extra: str) -> dict[str, str]:
-    """Nothing of the service's configuration: it must all come from .env."""
-    return {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "LANG": "C.UTF-8",
-        **extra,
-    }
-
-
 # -- gunicorn.conf.py, as gunicorn reads it ------------------------------------------------------
 
 
@@ -114,27 +84,6 @@ def test_without_dotenv_only_the_environment_counts(environ):
 
 
 # -- the three commands, end to end --------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def started(command: list[str], cwd: Path, env: dict[str, str], url: str):
-    """A command that serves at url, until the block ends; yields a function returning its output so far."""
-    log_path = cwd / "output.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    output = lambda: log_path.read_text(errors="replace")  # noqa: E731
-    try:
-        assert wait_until_up(url, process, timeout=60), f"{command} did not answer /health:\n{output()}"
-        yield output
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def dotenv_with_limits(fake_url: str) -> str:

@@ -24,7 +24,7 @@ from config import MIN_SECRET_LENGTH, load_config
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import CLOSE, free_port, json_answer
 from server import DRAIN_SECONDS
-from tests.test_dotenv import bare_environment, copy_of_the_service, started
+from tests.helpers import bare_environment, copy_of_the_service, started
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
