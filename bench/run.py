@@ -158,11 +158,12 @@ def own_and_children_seconds() -> tuple[float, float]:
 
 # -- the fake accounts service, as its own process --------------------------------------------------
 class FakeProcess:
-    """devtools/fake_accounts.py run by its command line; counts upstream connections via /_stats."""
+    """The stand-in for Spotify (devtools/fake_accounts.py) run by its command line, as its own process; counts
+    upstream connections via /_stats."""
 
     def __init__(self, scenario: Scenario, workdir: str):
         self.ready_file = os.path.join(workdir, "fake.json")
-        args = [sys.executable, str(ROOT / "tests" / "fake_accounts.py"),
+        args = [sys.executable, "-m", "devtools.fake_accounts",
                 "--latency", str(scenario.latency), "--connect-delay", str(scenario.connect_delay),
                 "--ready-file", self.ready_file]
         if scenario.tls:
