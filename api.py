@@ -16,12 +16,11 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 import metrics
 import ratelimit
 import spotify
-from config import BODY_TIMEOUT
+from config import BODY_TIMEOUT, MAX_BODY_BYTES
 from crypto import InvalidToken, Opened
 from errors import OAuthError, json_response
 from service import Service, service
 
-MAX_BODY_BYTES = 64 * 1024
 # Each path has the grant it serves when a request names none (RFC 6749 section 4.1.3 or 6). The
 # /v1/ paths are those of Spotify's own "Token Swap and Refresh" guide.
 # Peter Schorn's SpotifyAPIServer paths (and their -pkce twins), so that apps moving from it keep their URLs.

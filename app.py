@@ -15,7 +15,7 @@ import page
 import proxies
 import ratelimit
 import service
-from config import Config, ConfigError, load_config
+from config import MAX_BODY_BYTES, Config, ConfigError, load_config
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -23,7 +23,7 @@ def create_app(config: Config | None = None) -> Flask:
     app = TokenSwap(__name__)
     # Werkzeug would answer /api//token with a 308 redirect and an HTML body; a 404 JSON is clearer.
     app.url_map.merge_slashes = False
-    app.config["MAX_CONTENT_LENGTH"] = api.MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     commands.init_app(app)
     if config is None:
         try:

@@ -46,8 +46,10 @@ DEV_VARIABLES: dict[str, str] = {
 
 MIN_SECRET_LENGTH = 16
 
-# How long a request may take to send its body once its headers have arrived (app.py's 408).
+# How long a request may take to send its body once its headers have arrived (api.py's 408).
 BODY_TIMEOUT = 10
+# The largest request body read: a token request is a few hundred bytes.
+MAX_BODY_BYTES = 64 * 1024
 # What a stop allows beyond the longest request: the worker's once-a-second check that its
 # requests are done, the answer's write, and scheduling under load.
 STOP_MARGIN = 5

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 import metrics
 import spotify
+from config import MAX_BODY_BYTES
 from ratelimit import Refused
 
 # How often, at most, a worker logs that Spotify refuses the service's own credentials.
@@ -150,7 +151,7 @@ def from_limits(err: Refused) -> OAuthError:
 _DESCRIPTIONS = {
     404: "No such endpoint: use POST /swap, POST /refresh or GET /health",
     405: "Method not allowed here",
-    413: "The request body is larger than 64 KiB",
+    413: f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB",
 }
 
 

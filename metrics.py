@@ -21,6 +21,8 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
+from ratelimit import Refused
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -31,11 +33,8 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "tokenswap"
 # Seconds: Spotify usually answers in 0.1-0.3 s; SPOTIFY_TIMEOUT is 10 by default, at most 300.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-# Endpoints whose answers are counted, and the grant each serves when the request names none.
 # The api blueprint's token endpoints, and the grant each serves when a request names none.
 _ENDPOINT_GRANTS = {"api.swap": "authorization_code", "api.refresh": "refresh_token", "api.app_token": "client_credentials"}
-# ratelimit.Refused.reason's values.
-REFUSAL_REASONS = ("failures", "token", "ceiling", "busy")
 # A label value taken from an answer: an OAuth error code is lower-case letters and underscores.
 _CODE = re.compile(r"[a-z_]{1,40}")
 # Deploy platforms name the commit being run in one of these (Heroku, Render, others).
@@ -124,7 +123,7 @@ class Metrics:
         # first increment only if it was seen before it.
         for key in keys:
             self.tokens_opened.labels(key)
-        for reason in REFUSAL_REASONS:
+        for reason in Refused.REASONS:
             self.refused.labels(reason)
         for grant in _ENDPOINT_GRANTS.values():
             self.requests.labels(grant, "ok")

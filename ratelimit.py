@@ -50,6 +50,7 @@ class Refused(Exception):
     """
 
     FAILURES, TOKEN, CEILING, BUSY = "failures", "token", "ceiling", "busy"
+    REASONS = (FAILURES, TOKEN, CEILING, BUSY)
 
     def __init__(self, retry_after: int, reason: str):
         self.retry_after = retry_after
