@@ -66,6 +66,28 @@ def swap_request(code: str) -> bytes:
             b"Content-Length: %d\r\n\r\n" % len(body)) + body
 
 
+# A swap that Spotify answers after 3 s: its code is spent there once the call starts.
+SLOW_CODE = "fault-slow-3"
+
+
+def swap_waiting_on_spotify(
+    address: tuple[str, int], fake: FakeAccounts
+) -> tuple[socket.socket, threading.Thread, list[tuple[int, dict[str, str], bytes]]]:
+    """A swap sent on its own connection, returned once Spotify has its code: (connection, the thread
+    that reads the answer, the list the answer lands in)."""
+    connection = socket.create_connection(address, timeout=10)
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+
+    def swap() -> None:
+        connection.sendall(swap_request(SLOW_CODE))
+        answers.append(read_answer(connection))
+
+    thread = threading.Thread(target=swap)
+    thread.start()
+    wait_for(lambda: any(r["form"].get("code") == SLOW_CODE for r in fake.requests), 10, "the swap at Spotify")
+    return connection, thread, answers
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -108,18 +130,7 @@ def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_reque
             request = swap_request(code)
             sock.sendall(request[:-10])
             mid_body.append((sock, code, request[-10:]))
-        # A swap that Spotify answers after 3 s: its code is spent there once the call starts.
-        slow_code = "fault-slow-3"
-        slow_answer: list[tuple[int, dict[str, str], bytes]] = []
-        slow = socket.create_connection(address, timeout=10)
-
-        def slow_swap() -> None:
-            slow.sendall(swap_request(slow_code))
-            slow_answer.append(read_answer(slow))
-
-        in_flight = threading.Thread(target=slow_swap)
-        in_flight.start()
-        wait_for(lambda: any(r["form"].get("code") == slow_code for r in fake.requests), 10, "the swap at Spotify")
+        slow, in_flight, slow_answer = swap_waiting_on_spotify(address, fake)
 
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -155,7 +166,7 @@ def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_reque
         assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{code}"
     [(status, _, body)] = slow_answer
     assert status == 200, body
-    assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{slow_code}"
+    assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{SLOW_CODE}"
     # The drain, then the worker's once-a-second check that its requests are done: nowhere near
     # graceful_timeout (35 s with SPOTIFY_TIMEOUT=10).
     assert stopped_after < DRAIN_SECONDS + 3, f"took {stopped_after:.1f} s to stop"
@@ -206,17 +217,7 @@ def test_the_workers_of_a_killed_master_finish_what_they_hold_then_exit():
         workers = server.pids()[1:]
         assert len(workers) == 2
         address = ("127.0.0.1", server.port)
-        slow_code = "fault-slow-3"
-        answers: list[tuple[int, dict[str, str], bytes]] = []
-        connection = socket.create_connection(address, timeout=10)
-
-        def slow_swap() -> None:
-            connection.sendall(swap_request(slow_code))
-            answers.append(read_answer(connection))
-
-        in_flight = threading.Thread(target=slow_swap)
-        in_flight.start()
-        wait_for(lambda: any(r["form"].get("code") == slow_code for r in fake.requests), 10, "the swap at Spotify")
+        connection, in_flight, answers = swap_waiting_on_spotify(address, fake)
         server.process.kill()
         server.process.wait(10)
         in_flight.join(15)
@@ -226,7 +227,7 @@ def test_the_workers_of_a_killed_master_finish_what_they_hold_then_exit():
         output = server.output()
     [(status, headers, body)] = answers
     assert status == 200, body
-    assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{slow_code}"
+    assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{SLOW_CODE}"
     assert output.count("Master gone") == 2
     assert "[ERROR]" not in output and "Traceback" not in output, output
 
