@@ -48,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+import server
 from devtools.soak import rss_kb, server_env, workers_of
 from devtools.fake_accounts import FakeAccounts
 from devtools.nginx import Nginx
@@ -65,10 +66,8 @@ KINDS = ("idle", "head", "body")
 
 
 def raise_open_file_limit() -> int:
-    """This process's open-file limit raised to the hard one, as gunicorn.conf.py does for the server."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    """This process's open-file limit, raised to the hard one as the server raises its own."""
+    server.raise_open_file_limit()
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
