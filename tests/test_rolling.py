@@ -125,17 +125,19 @@ def test_a_rolling_restart_of_three_instances_under_load_loses_no_request(shared
             for server in servers:
                 server.stop()
     took = time.monotonic() - started
-    resets = errors.count("recv() failed (104: Connection reset by peer)")
+    resets = errors.count("(104: Connection reset by peer)")
     print(f"rolling restart: {total} requests ({figures}), {len(failures)} failed, {restarts} restarts, "
           f"{took:.1f} s; nginx sent {resets} reset request(s) to another instance")
     assert failures == [], failures[:10]
     assert restarts == INSTANCES
     assert total >= 500, figures
     assert took < 60
-    # What nginx saw: refused connections (a stopped instance), and resets of requests that never reached
-    # the service, each retried on another instance; nothing else.
+    # What nginx saw: refused connections (a stopped instance), and resets of connections that sat in the
+    # listening queue of a stopping instance, their request never read, each retried on another instance; the
+    # reset reaches nginx while it connects or while it waits for the answer, depending on the timing. Nothing else.
     for line in errors.splitlines():
         assert "[alert] " in line and "setrlimit" in line or "connect() failed (111: Connection refused)" in line \
+            or "connect() failed (104: Connection reset by peer) while connecting to upstream" in line \
             or "recv() failed (104: Connection reset by peer) while reading response header" in line, line
     for output in outputs:
         assert "Traceback" not in output and "[ERROR]" not in output
