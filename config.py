@@ -53,7 +53,8 @@ MAX_BODY_BYTES = 64 * 1024
 # What a stop allows beyond the longest request: the worker's once-a-second check that its
 # requests are done, the answer's write, and scheduling under load.
 STOP_MARGIN = 5
-GEN_SECRET_HINT = "generate one with: flask --app app gen-secret"
+# Where the service is installed, `flask` is on PATH (Heroku, Render, the image); in a checkout it is the venv's.
+GEN_SECRET_HINT = "generate one with: flask --app app gen-secret (in a checkout: .venv/bin/flask --app app gen-secret)"
 
 
 class ConfigError(Exception):
