@@ -431,9 +431,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
                         help="run only this scenario (repeatable; default: all)")
-    parser.add_argument("--duration", type=float, default=20, help="seconds measured per scenario (default 20)")
-    parser.add_argument("--warmup", type=float, default=3, help="seconds of load before measuring (default 3)")
-    parser.add_argument("--baseline", type=float, default=5,
+    parser.add_argument("--duration", type=int, default=20, help="seconds measured per scenario (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="seconds of load before measuring (default 3)")
+    parser.add_argument("--baseline", type=int, default=5,
                         help="seconds of the same load straight at the fake first, for its own latency (default 5; 0 skips)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--tokens", type=int, default=30000,

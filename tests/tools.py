@@ -27,6 +27,7 @@ TOOLS = {
     "nginx": "deploy/nginx.conf in front of the server",
     "prometheus": "scraping /metrics for real (Debian's package also brings promtool)",
     "promtool": "checking deploy/prometheus-rules.yml (Debian's prometheus package)",
+    "wrk": "a short run of the benchmark (bench/run.py drives its load with wrk)",
 }
 # Debian puts nginx (and other daemons) in /usr/sbin, which is not on every user's PATH.
 SBIN = "/usr/sbin:/usr/local/sbin"
