@@ -86,6 +86,8 @@ access_log_format = server.ACCESS_LOG_FORMAT
 logger_class = "server.Logger"
 if service_config.log_format == "json":
     logconfig_dict = logs.json_logconfig()
+    # What gevent and Python print rather than log, made JSON lines too, in each worker.
+    post_worker_init = server.post_worker_init
 
 # The server hooks: what one instance holds once listening; with METRICS_TOKEN, the directory the
 # workers' counts share (made and emptied before any worker starts, removed at exit if made here) and

@@ -1,18 +1,20 @@
 """Log lines: request ids (X-Request-ID in, out, and on every line of a request) and LOG_FORMAT=json.
 
 gunicorn takes the JSON formatter through its public `logconfig_dict` setting (json_logconfig());
-the app wires the request id with init_app().
+the app wires the request id with init_app(). What is printed rather than logged (gevent's reports of a
+failed greenlet, Python's warnings) is routed into the same JSON lines by print_as_json().
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TextIO, cast
 
 from flask import Flask, Response, g, has_request_context, request
 from flask.logging import default_handler
@@ -118,3 +120,57 @@ def json_logconfig() -> dict[str, Any]:
         },
         "formatters": {"json": formatter, "generic": formatter},
     }
+
+
+# How gevent's hub ends the report of a failed greenlet: its time (gevent's gmctime(), RFC 3339), then
+# "<greenlet> failed with <exception>" when it knows the greenlet.
+_GEVENT_REPORT_END = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ?(?P<context>.*)")
+# A report longer than this goes out as it is, rather than wait for an end in a format gevent changed.
+_MOST_LINES = 200
+
+
+class ReportLines(io.TextIOBase):
+    """A text stream for what gevent's hub prints (its documented `exception_stream`): each report, the
+    traceback and the line that ends it, becomes one log record at ERROR, a JSON line under LOG_FORMAT=json."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+        self.partial = ""
+        self.lines: list[str] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *complete, self.partial = (self.partial + text).split("\n")
+        for line in complete:
+            end = _GEVENT_REPORT_END.fullmatch(line)
+            if end:
+                self.emit(end.group("context"))
+            elif line or self.lines:
+                self.lines.append(line)
+                if len(self.lines) >= _MOST_LINES:
+                    self.emit("")
+        return len(text)
+
+    def emit(self, context: str) -> None:
+        traceback = "\n".join(self.lines).strip("\n")
+        self.lines = []
+        if not (traceback or context):
+            return
+        last = traceback.rsplit("\n", 1)[-1]
+        record = self.logger.makeRecord(self.logger.name, logging.ERROR, "", 0, context or last, (), None)
+        record.exc_text = traceback or None
+        self.logger.handle(record)
+
+
+def print_as_json() -> None:
+    """Under LOG_FORMAT=json, in each worker: what would be printed to stderr as text goes through logging
+    instead, so it comes out as JSON lines too: gevent's reports of a failed greenlet (logger "gevent")
+    and Python's warnings (logger "py.warnings", logging.captureWarnings)."""
+    import gevent  # here: only the gunicorn worker has a gevent hub
+
+    # gevent's stubs say TextIO; the hub only writes text to it, which a TextIOBase does.
+    gevent.get_hub().exception_stream = cast(TextIO, ReportLines(logging.getLogger("gevent")))
+    logging.captureWarnings(True)

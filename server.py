@@ -25,6 +25,7 @@ from gunicorn import glogging, util
 from gunicorn.workers.base import Worker as BaseWorker
 from gunicorn.workers.ggevent import GeventWorker
 
+import logs
 import metrics
 import ratelimit
 from config import load_config
@@ -317,6 +318,12 @@ def child_exit(arbiter: Arbiter, worker: Any) -> None:
     """gunicorn's child_exit hook: a dead worker's per-worker gauges are dropped."""
     if load_config().metrics_token:
         metrics.mark_dead(worker.pid)
+
+
+def post_worker_init(worker: BaseWorker) -> None:
+    """gunicorn's post_worker_init hook, set under LOG_FORMAT=json: in each worker, what gevent and Python
+    print to stderr (a failed greenlet's report, a warning) is logged as JSON lines too."""
+    logs.print_as_json()
 
 
 def on_exit(arbiter: Arbiter) -> None:

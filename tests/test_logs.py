@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -84,6 +85,103 @@ def test_a_traceback_stays_in_its_line():
     text = logs.JsonFormatter().format(record)
     assert "\n" not in text
     assert "ValueError: boom" in json.loads(text)["traceback"]
+
+
+@pytest.fixture
+def json_records() -> Iterator[list[str]]:
+    """The JSON lines the "gevent" logger would write, as under LOG_FORMAT=json."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("gevent")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_failed_greenlets_report_from_gevents_hub_is_one_json_line(json_records):
+    """gevent's hub prints a failed greenlet's traceback to its exception_stream, not through logging."""
+    import gevent
+
+    hub = gevent.get_hub()
+    previous = hub.exception_stream
+    hub.exception_stream = logs.ReportLines(logging.getLogger("gevent"))
+    try:
+        def fails() -> None:
+            raise ValueError("boom")
+
+        def fails_twice() -> None:
+            try:
+                raise ZeroDivisionError("first")
+            except ZeroDivisionError as err:
+                raise KeyError("second") from err
+
+        for function in (fails, fails_twice):
+            gevent.spawn(function).join()
+    finally:
+        hub.exception_stream = previous
+    assert len(json_records) == 2, json_records
+    first, chained = (json.loads(line) for line in json_records)
+    assert first["level"] == chained["level"] == "ERROR"
+    assert first["logger"] == "gevent"
+    assert re.fullmatch(r"<Greenlet at 0x[0-9a-f]+: fails> failed with ValueError", first["message"]), first
+    assert first["traceback"].startswith("Traceback (most recent call last):")
+    assert first["traceback"].endswith("ValueError: boom")
+    # A chained exception's report stays whole: both tracebacks, in one line.
+    assert "ZeroDivisionError: first" in chained["traceback"] and chained["traceback"].endswith("KeyError: 'second'")
+    assert "fails_twice> failed with KeyError" in chained["message"]
+
+
+def test_a_report_without_its_end_goes_out_once_it_is_long_enough(json_records):
+    stream = logs.ReportLines(logging.getLogger("gevent"))
+    stream.write("a line gevent printed, and no end\n" * 199)
+    assert json_records == []
+    stream.write("one more\n")
+    [line] = (json.loads(record) for record in json_records)
+    assert line["message"] == "one more" and line["traceback"].count("\n") == 199
+
+
+def test_print_as_json_routes_gevents_reports_and_pythons_warnings_into_logging(json_records, caplog):
+    import warnings
+
+    import gevent
+
+    hub = gevent.get_hub()
+    previous = hub.exception_stream
+    try:
+        logs.print_as_json()
+        assert isinstance(hub.exception_stream, logs.ReportLines)
+        with caplog.at_level(logging.WARNING, logger="py.warnings"), warnings.catch_warnings():
+            warnings.simplefilter("always")  # pytest's settings make a warning an error
+            warnings.warn("a library's warning", UserWarning, stacklevel=1)
+    finally:
+        hub.exception_stream = previous
+        logging.captureWarnings(False)
+    assert [record.name for record in caplog.records] == ["py.warnings"]
+    assert "a library's warning" in caplog.records[0].getMessage()
+
+
+def test_under_log_format_json_each_worker_routes_what_gevent_prints(monkeypatch, tmp_path):
+    import runpy
+
+    import server
+    from devtools.process import ROOT
+    from tests.helpers import BASE_CONFIG
+
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    for name, value in BASE_CONFIG.items():
+        monkeypatch.setenv(name, value)
+    assert "post_worker_init" not in runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert settings["post_worker_init"] is server.post_worker_init
 
 
 # -- the real server -----------------------------------------------------------------------------
