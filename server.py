@@ -165,6 +165,9 @@ class Worker(GeventWorker):
         self.waiting: set[greenlet] = set()
         self.requests: set[Request] = set()
         self.stopping = False  # the stop has begun
+        # gunicorn's listening sockets are open in this worker: a new connection may still be accepted.
+        # gunicorn closes them up to a second after a stop begins (its run loop), then calls notify().
+        self.listening = True
         self.drained = False  # the drain is over: a connection waiting for a request is closed
         # THE one patch of gunicorn's internals (pinned gunicorn==27.0.1): gunicorn answers a request it
         # cannot parse (bad request line or header, URL or headers too long) itself, with an HTML page that
@@ -199,7 +202,11 @@ class Worker(GeventWorker):
 
     def notify(self) -> None:
         """The heartbeat, once a second. gunicorn's gevent worker exits at once when its master is gone
-        (killed), cutting off the requests it holds: this one stops as on SIGTERM instead."""
+        (killed), cutting off the requests it holds: this one stops as on SIGTERM instead.
+        Called once the worker is no longer alive, gunicorn has closed its listening sockets (its run loop
+        closes them, then waits for the connections, calling this once a second)."""
+        if not self.alive:
+            self.listening = False
         if self.ppid != os.getppid():
             if not self.stopping:
                 self.log.info("Master gone (was pid %s): stopping, requests in progress finish", self.ppid)
@@ -220,11 +227,13 @@ class Worker(GeventWorker):
         gevent.spawn(self.drain)
 
     def drain(self) -> None:
-        """Wait DRAIN_SECONDS (less once no connection is open), then close the idle connections."""
+        """Wait DRAIN_SECONDS, then close the idle connections. Less once no connection is open and none
+        can be accepted any more: until gunicorn has closed its listening sockets, a connection accepted
+        now must get its request answered, not closed as idle (a load balancer sends one at once)."""
         self.log.info("Stopping with %d connection(s) open: answering them with Connection: close for %s s",
                       len(self.connections), DRAIN_SECONDS)
         with gevent.Timeout(DRAIN_SECONDS, False):  # type: ignore[arg-type]  # as in _WaitForRequest
-            while self.connections:
+            while self.connections or self.listening:
                 gevent.sleep(0.05)
         self.close_waiting()
 

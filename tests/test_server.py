@@ -43,7 +43,14 @@ def test_the_worker_overrides_only_public_methods_that_gunicorn_still_calls():
     handle = inspect.getsource(base_async.AsyncWorker.handle)
     assert "with self.timeout_ctx():\n                            req = next(parser)" in handle
     assert "self.handle_request(listener_name, req, client, addr)" in handle
-    assert "partial(self.handle, s)" in inspect.getsource(ggevent.GeventWorker.run)
+    run = inspect.getsource(ggevent.GeventWorker.run)
+    assert "partial(self.handle, s)" in run
+    # notify() with the worker no longer alive means gunicorn has closed its listening sockets (Worker.listening):
+    # its run loop notifies while alive, then closes the servers, then notifies while connections remain.
+    alive_loop = run.index("while self.alive:\n            self.notify()")
+    closing = run.index("server.close()")
+    assert alive_loop < closing < run.index("self.notify()", closing)
+    assert run.count("self.notify()") == 2
     assert "signal.signal(signal.SIGTERM, self.handle_exit)" in inspect.getsource(base.Worker.init_signals)
     # The quiet end of a wait: gunicorn's own timeout_ctx is a gevent.Timeout that ends the block.
     assert "gevent.Timeout(self.cfg.keepalive, False)" in inspect.getsource(ggevent.GeventWorker.timeout_ctx)
