@@ -174,14 +174,11 @@ def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_reque
     assert re.search(r"Drained: closing \d+ idle connection\(s\) \(keep-alive connection or not yet used\)", output)
 
 
-def test_a_connection_accepted_while_a_stopping_worker_still_listens_is_answered_not_closed_as_idle():
-    """A worker keeps listening for up to a second after SIGTERM (gunicorn's run loop closes its sockets, then
-    calls notify). Once its open connections have closed, the drain must not end before that: a connection
-    accepted meanwhile carries a request (a load balancer sends it at once; here 0.1 s after connecting), and
-    that request is answered, with Connection: close, never cut by the close of idle connections. New
-    connections, one after another from the SIGTERM on, until they are refused: each gets its 200, or is
-    reset unread from the listening queue as the port closes (never accepted, so a balancer retries it)."""
-    with FakeAccounts() as fake, Server(server_env(fake.url, WEB_CONCURRENCY="1")) as server:
+def requests_from_a_stop_until_refused(fake: FakeAccounts) -> tuple[list[tuple[int, str | None]], int, list[str], str]:
+    """SIGTERM to a one-worker server, then new connections one after another until refused, each sending its
+    request 0.1 s after connecting: (the answers' status and Connection header, how many connections were reset
+    unread, the requests closed without an answer, the server's output)."""
+    with Server(server_env(fake.url, WEB_CONCURRENCY="1")) as server:
         address = ("127.0.0.1", server.port)
         server.process.send_signal(signal.SIGTERM)
         statuses, resets, cut = [], 0, []
@@ -204,11 +201,26 @@ def test_a_connection_accepted_while_a_stopping_worker_still_listens_is_answered
                     continue
             statuses.append((status, headers.get("connection")))
         assert server.process.wait(20) == 0
-        output = server.output()
-    assert cut == [], f"{len(cut)} request(s) on accepted connections closed unanswered; answered: {statuses}"
+        return statuses, resets, cut, server.output()
+
+
+def test_a_connection_accepted_while_a_stopping_worker_still_listens_is_answered_not_closed_as_idle():
+    """A worker keeps listening for up to a second after SIGTERM (gunicorn's run loop closes its sockets, then
+    calls notify). Once its open connections have closed, the drain must not end before that: a connection
+    accepted meanwhile carries a request (a load balancer sends it at once; here 0.1 s after connecting), and
+    that request is answered, with Connection: close, never cut by the close of idle connections. Each new
+    connection gets its 200, or is reset unread from the listening queue as the port closes (never accepted,
+    so a balancer retries it). The worker's second may end before the first connect (its timer is running
+    when the signal comes): then the stop is sent again to a fresh server, at most three times."""
+    with FakeAccounts() as fake:
+        for _ in range(3):
+            statuses, resets, cut, output = requests_from_a_stop_until_refused(fake)
+            assert cut == [], f"{len(cut)} request(s) on accepted connections closed unanswered; answered: {statuses}"
+            assert resets <= 1, resets  # at most the connection in the queue at the instant the port closed
+            assert "[ERROR]" not in output and "Traceback" not in output, output
+            if statuses:
+                break
     assert statuses and all(answer == (200, "close") for answer in statuses), statuses
-    assert resets <= 1, resets  # at most the connection in the queue at the instant the port closed
-    assert "[ERROR]" not in output and "Traceback" not in output, output
 
 
 @pytest.mark.parametrize("spotify_timeout, expected", [("10", 35), ("300", 615), ("0.5", 16)])
