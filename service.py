@@ -49,12 +49,14 @@ class AppTokens:
         self._lock = threading.Lock()  # gevent's, under the Procfile's workers: waiting requests yield
         self._token: dict[str, Any] | None = None
         self._expires_at = 0.0
-        self._failed: tuple[Exception, float] | None = None  # the last fetch's error, and when
+        self._failed: tuple[spotify.SpotifyError, float] | None = None  # the last fetch's Spotify error, and when
 
     def get(self, fetch: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The token with `expires_in` the whole seconds it has left; `fetch` asks Spotify when there is none.
 
-        Requests that waited while a fetch failed get that fetch's error rather than each asking again.
+        Requests that waited while a fetch failed at Spotify get that error rather than each asking again.
+        Any other failure (the fetching client refused by its own rate limit) is that request's alone: the
+        next waiter fetches for itself.
         """
         asked_at = self._clock()
         with self._lock:
@@ -63,7 +65,7 @@ class AppTokens:
                     raise self._failed[0]
                 try:
                     token = fetch()
-                except Exception as err:
+                except spotify.SpotifyError as err:
                     self._failed = (err, self._clock())
                     raise
                 lifetime = token.get("expires_in")

@@ -16,7 +16,9 @@ import requests
 
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, json_answer
+from ratelimit import Refused
 from service import AppTokens
+from spotify import Unreachable
 from tests.helpers import (
     CALLBACK,
     CODE,
@@ -131,7 +133,7 @@ def test_requests_waiting_on_a_failed_fetch_share_its_error_instead_of_asking_ag
         calls.append(1)
         started.set()
         release.wait(5)
-        raise RuntimeError("Spotify down")
+        raise Unreachable("Spotify down")
 
     tokens = AppTokens()
     with ThreadPoolExecutor(5) as pool:
@@ -141,11 +143,35 @@ def test_requests_waiting_on_a_failed_fetch_share_its_error_instead_of_asking_ag
         # Each waiter holds for the lock before the fetch ends: release it only once they all wait.
         release.set()
         outcomes = [f.exception(10) for f in [first, *waiting]]
-    assert all(isinstance(e, RuntimeError) for e in outcomes)
+    assert all(isinstance(e, Unreachable) for e in outcomes)
     assert len(calls) == 1
     # A later request asks again.
-    with pytest.raises(RuntimeError):
+    with pytest.raises(Unreachable):
         tokens.get(failing)
+    assert len(calls) == 2
+
+
+def test_a_fetching_clients_own_refusal_is_not_handed_to_the_requests_waiting_behind_it():
+    """The rate limit that refuses one client's fetch speaks of that client's address: a request waiting
+    for the token (another client) fetches for itself and gets the token."""
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def refused_then_fetched() -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            started.set()
+            release.wait(5)
+            raise Refused(30, Refused.FAILURES)
+        return APP_TOKEN
+
+    tokens = AppTokens()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(tokens.get, refused_then_fetched)
+        assert started.wait(5)
+        other = pool.submit(tokens.get, refused_then_fetched)
+        release.set()
+        assert isinstance(first.exception(10), Refused)
+        assert other.result(10)["access_token"] == APP_TOKEN["access_token"]
     assert len(calls) == 2
 
 
