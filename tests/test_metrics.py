@@ -152,6 +152,7 @@ def test_tokens_opened_are_counted_by_key_id_as_check_lists_them(config, spotify
     assert value(found, name, key="legacy") == 1
 
 
+@pytest.mark.window(5)  # counts on 1/minute refusing the second request
 def test_refusals_are_counted_by_reason(config, spotify):
     client = make_client(config, RATE_LIMIT_PER_TOKEN="1/minute", RATE_LIMIT_FAILURES="1/minute")
     spotify.post(TOKEN_URL, json=TOKENS)

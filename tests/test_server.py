@@ -94,6 +94,7 @@ def test_the_head_bound_is_about_64_kb_and_gunicorn_conf_sets_it():
         assert f"{name} = server.{name.upper()}" in text
 
 
+@pytest.mark.e2e  # `bounded` starts the real server
 def test_100_kb_of_headers_is_a_json_431(bounded):
     one_field = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n"
     for head in (head_of(100_000) + b"\r\n", one_field):
@@ -108,6 +109,7 @@ def test_100_kb_of_headers_is_a_json_431(bounded):
     assert answer_to(allowed, bounded.port).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.e2e  # `bounded` starts the real server
 def test_300_connections_holding_unfinished_heads_leave_health_under_a_second(bounded):
     """Half of them hold a head just under the bound, never finished; half send more than it (refused)."""
     raise_open_file_limit()
