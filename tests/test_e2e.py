@@ -45,13 +45,6 @@ def server(fake_accounts):
         yield running
 
 
-@pytest.fixture
-def fake(fake_accounts):
-    """The module's fake accounts service, with nothing received yet."""
-    fake_accounts.reset()
-    return fake_accounts
-
-
 @pytest.fixture(scope="module")
 def slow_fake():
     """Spotify at 300 ms per answer, as in the concurrency contract."""

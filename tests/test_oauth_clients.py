@@ -33,12 +33,6 @@ def server(fake_accounts):
         yield running
 
 
-@pytest.fixture
-def fake(fake_accounts):
-    fake_accounts.reset()
-    return fake_accounts
-
-
 def assert_holds(token: dict, code: str, access_token_prefix: str = "access-") -> None:
     """What a client library ends up holding: a fresh access token and the sealed refresh token."""
     assert token["access_token"].startswith(access_token_prefix)

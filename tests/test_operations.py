@@ -41,13 +41,6 @@ CLIENT_ADDRESS = "203.0.113.7"  # TEST-NET-3: only ever a header value here
 # -- servers -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake(fake_accounts):
-    """The module's fake accounts service, with nothing received yet."""
-    fake_accounts.reset()
-    return fake_accounts
-
-
 @pytest.fixture(scope="module")
 def plain_server(fake_accounts):
     """No legacy secret, no trusted proxy, CORS for two origins."""

@@ -103,18 +103,13 @@ def test_a_rolling_restart_of_three_instances_under_load_loses_no_request(shared
                 for server in servers:
                     # Load on every instance, this one included, before it is stopped.
                     since = len(server.output())
-                    deadline = time.monotonic() + 15
-                    while len(server.access_log(since)) < 50:
-                        assert time.monotonic() < deadline, "the instance got no traffic"
-                        time.sleep(0.05)
+                    assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, "the instance got no traffic"
                     assert server.stop() == 0
                     restarts += 1
                     server.start()
                     since = len(server.output())
-                    deadline = time.monotonic() + 15
-                    while len(server.access_log(since)) < 50:  # back in nginx's rotation
-                        assert time.monotonic() < deadline, "nginx never sent the restarted instance traffic"
-                        time.sleep(0.05)
+                    assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, \
+                        "nginx never sent the restarted instance traffic"  # back in nginx's rotation
                 total = clients.total()
                 clients.__exit__()
                 errors = nginx.errors()  # before its directory goes
