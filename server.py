@@ -204,9 +204,11 @@ class Worker(GeventWorker):
         """The heartbeat, once a second. gunicorn's gevent worker exits at once when its master is gone
         (killed), cutting off the requests it holds: this one stops as on SIGTERM instead.
         Called once the worker is no longer alive, gunicorn has closed its listening sockets (its run loop
-        closes them, then waits for the connections, calling this once a second)."""
+        closes them, then waits for the connections, calling this once a second). A worker gunicorn retires
+        itself, with no signal (after --max-requests, on a reload), begins the same stop here."""
         if not self.alive:
             self.listening = False
+            self.stop()
         if self.ppid != os.getppid():
             if not self.stopping:
                 self.log.info("Master gone (was pid %s): stopping, requests in progress finish", self.ppid)

@@ -14,11 +14,12 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+import requests
 
 from config import BODY_TIMEOUT, STOP_MARGIN, Config, longest_request_seconds
 from crypto import TokenSealer
 from devtools.fake_accounts import FakeAccounts
-from devtools.process import Server
+from devtools.process import Server, free_port
 from devtools.fake_accounts import CLIENT_ID
 from server import DRAIN_SECONDS
 from tests.helpers import BASE_CONFIG, SECRET, server_env
@@ -221,6 +222,36 @@ def test_a_connection_accepted_while_a_stopping_worker_still_listens_is_answered
             if statuses:
                 break
     assert statuses and all(answer == (200, "close") for answer in statuses), statuses
+
+
+def test_a_worker_gunicorn_retires_itself_drains_too_instead_of_holding_idle_connections():
+    """gunicorn ends a worker on its own after --max-requests (and on a reload) by marking it no longer
+    alive, with no signal: the stop is the same drain, so an idle keep-alive connection is closed after it,
+    not held until graceful_timeout (35 s here) with the worker killed at its end."""
+    nowhere = f"http://127.0.0.1:{free_port()}"  # /health never calls Spotify
+    env = server_env(nowhere, WEB_CONCURRENCY="1", GUNICORN_CMD_ARGS="--max-requests 5")
+    with Server(env) as server:
+        address = ("127.0.0.1", server.port)
+        idle = socket.create_connection(address, timeout=10)
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(idle)[0] == 200
+        sent = 0
+        while "Autorestarting worker" not in server.output():
+            assert sent < 10, "gunicorn never retired the worker"
+            with socket.create_connection(address, timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert read_answer(sock)[0] == 200
+            sent += 1
+        retired = time.monotonic()
+        assert closed_by_server(idle, timeout=DRAIN_SECONDS + 5), "the idle connection was held"
+        closed_after = time.monotonic() - retired
+        idle.close()
+        wait_for(lambda: server.output().count("Booting worker") == 2, 10, "a new worker")
+        assert requests.get(server.url + "/health", timeout=5).status_code == 200
+        output = server.output()
+    assert closed_after < DRAIN_SECONDS + 3, f"closed after {closed_after:.1f} s"
+    assert "Drained: closing 1 idle connection(s)" in output
+    assert "graceful timeout" not in output and "[ERROR]" not in output and "Traceback" not in output, output
 
 
 @pytest.mark.parametrize("spotify_timeout, expected", [("10", 35), ("300", 615), ("0.5", 16)])
