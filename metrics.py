@@ -134,7 +134,7 @@ class Metrics:
 
     def finished(self, grant: str, outcome: str, seconds: float) -> None:
         self.spotify_in_flight.dec()
-        self.spotify_duration.labels(grant, outcome).observe(seconds)
+        self.spotify_duration.labels(grant, label(outcome)).observe(seconds)
 
     def exposition(self) -> bytes:
         """Every metric in Prometheus' text format, summed over the workers in multiprocess mode."""

@@ -125,6 +125,18 @@ def test_swaps_refreshes_and_their_outcomes_are_counted(config, spotify):
     assert len(build) == 1 and ("python", os.sys.version.split()[0]) in build[0]
 
 
+@pytest.mark.parametrize("code", ["ïnvalid_grant", "Invalid_Grant", "x" * 41, "", "<html>"])
+def test_an_error_code_from_spotify_that_is_not_one_is_labelled_other_on_both_metrics(config, spotify, code):
+    """Spotify's text never becomes a label value of its own: one check (metrics.label) for both series."""
+    client = make_client(config)
+    spotify.post(TOKEN_URL, json={"error": code}, status=400)
+    client.post("/swap", data={"code": "c0de"})
+    found = samples(client)
+    assert value(found, "tokenswap_spotify_request_duration_seconds_count",
+                 grant="authorization_code", outcome="other") == 1
+    assert all(dict(labels).get("outcome") != code for _, labels in found)
+
+
 def test_spotify_unreachable_is_an_outcome_of_its_own(config):
     # conftest's SPOTIFY (127.0.0.1:9) never listens: a real refused connection.
     client = make_client(config)
