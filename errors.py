@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
+import logs
 import metrics
 import spotify
 from config import MAX_BODY_BYTES
 from ratelimit import Refused
 
-# How often, at most, a worker logs that Spotify refuses the service's own credentials.
-MISCONFIGURED_LOG_SECONDS = 60.0
 # RFC 6749 section 5.1: token answers must not be cached.
 _NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
 
@@ -62,7 +60,7 @@ def json_response(
 
 def init_app(app: Flask) -> None:
     """Render every error of this app as JSON: OAuth errors, Spotify's, refusals, HTTP errors, the unexpected."""
-    app.extensions["errors"] = {}  # when each rate-limited log line was last written
+    app.extensions["errors"] = logs.Throttle()  # the lines said at most once a minute per worker
     app.register_error_handler(OAuthError, render)
     app.register_error_handler(spotify.SpotifyError, lambda err: render(from_spotify(err)))
     app.register_error_handler(Refused, _refused)
@@ -118,11 +116,9 @@ def from_spotify(err: spotify.SpotifyError) -> OAuthError:
 
 
 def _log_misconfigured(err: spotify.CredentialsRefused) -> None:
-    logged: dict[str, float] = current_app.extensions["errors"]
-    now = time.monotonic()
-    if "misconfigured" in logged and now - logged["misconfigured"] < MISCONFIGURED_LOG_SECONDS:
+    throttle: logs.Throttle = current_app.extensions["errors"]
+    if not throttle.allows("misconfigured"):
         return
-    logged["misconfigured"] = now
     variable = "SPOTIFY_CLIENT_SECRET" if err.blames_secret else "SPOTIFY_CLIENT_ID"
     current_app.logger.error(
         "Spotify refuses this service's credentials (%s: %s): check %s against the app's settings "

@@ -11,8 +11,10 @@ import io
 import json
 import logging
 import re
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO, cast
 
@@ -31,6 +33,30 @@ ACCESS_ATOMS = {"client": "h", "method": "m", "path": "U", "status": "s", "bytes
 _ACCESS_ID_ATOM = "{%s}e" % ENVIRON_KEY
 # Text lines of the app's own logger: Flask's format, and the request id.
 TEXT_FORMAT = "[%(asctime)s] %(levelname)s in %(module)s: %(message)s (request %(request_id)s)"
+
+
+class Throttle:
+    """Whether a line may be logged now: at most once per `every` seconds for each cause, in this process.
+
+    Lines that would repeat for every request ("Spotify could not be reached", "Spotify refuses the
+    credentials") say so once a minute per worker and cause; the metrics count every occurrence.
+    """
+
+    def __init__(self, every: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.every = every
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._logged_at: dict[Hashable, float] = {}  # causes are the code's own few, never a client's
+
+    def allows(self, cause: Hashable = None) -> bool:
+        """True, and counted as logged, if `cause` was not logged within the last `every` seconds."""
+        now = self._clock()
+        with self._lock:
+            last = self._logged_at.get(cause)
+            if last is not None and now - last < self.every:
+                return False
+            self._logged_at[cause] = now
+            return True
 
 
 def request_id() -> str:

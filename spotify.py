@@ -26,6 +26,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from config import redacted_url
+from logs import Throttle
 
 
 class SpotifyError(Exception):
@@ -153,14 +154,15 @@ class AccountsClient:
         *,
         observer: Observer | None = None,
         logger: logging.Logger | None = None,
+        throttle: Throttle | None = None,
     ):
         self.token_url = accounts_url.rstrip("/") + "/api/token"
         self.timeout = timeout
         self.observer = observer
         # Where a WARNING names why Spotify could not be reached (the app's logger); None: not logged.
         self._logger = logger
-        # When each cause of failure was last logged, so that each is logged at most once a minute.
-        self._warned_at: dict[str, float] = {}
+        # Each cause of failure is logged at most once a minute (per worker: one client per process).
+        self._throttle = throttle or Throttle()
         session = requests.Session()
         # One pool per worker, as large as the worker's concurrency: every waiting request keeps
         # its keep-alive connection instead of paying a new TCP and TLS handshake. No retries:
@@ -231,13 +233,8 @@ class AccountsClient:
             raise
 
     def _warn(self, cause: str) -> None:
-        if self._logger is None:
+        if self._logger is None or not self._throttle.allows(cause):
             return
-        now = time.monotonic()
-        last = self._warned_at.get(cause)
-        if last is not None and now - last < WARN_SECONDS:
-            return
-        self._warned_at[cause] = now
         what = f"did not answer within {self.timeout:g} s" if cause == TIMED_OUT else "could not be reached"
         self._logger.warning(
             "Spotify %s at %s: %s; %s (logged at most once a minute per worker and cause)",
@@ -261,10 +258,6 @@ class AccountsClient:
         except requests.RequestException:
             raise BadAnswer("Spotify's answer could not be read") from None
         return _read_answer(response)
-
-
-# How often, at most, a worker logs each cause of Spotify being unreachable.
-WARN_SECONDS = 60.0
 
 
 def _outcome(err: SpotifyError) -> str:

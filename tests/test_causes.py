@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import check
+import logs
 import spotify
 from config import redacted_url
 from devtools.fake_accounts import FakeAccounts
@@ -102,24 +103,26 @@ def test_a_timeout_is_named(slow_accounts, caplog):
     assert record.getMessage().startswith(f"Spotify did not answer within 0.5 s at {slow_accounts.url}/api/token: timed out;")
 
 
-def test_each_cause_is_logged_at_most_once_a_minute_per_worker(caplog, monkeypatch):
+def test_each_cause_is_logged_at_most_once_a_minute_per_worker(caplog):
     logger = logging.getLogger("test_causes")
     closed = closed_port()
-    client = spotify.AccountsClient("id", "secret", closed, 0.5, logger=logger)
-    unresolved = spotify.AccountsClient("id", "secret", "http://does-not-exist.invalid", 0.5, logger=logger)
+    now = [0.0]
+    throttle = logs.Throttle(clock=lambda: now[0])  # one worker: one throttle, both clients
+    client = spotify.AccountsClient("id", "secret", closed, 0.5, logger=logger, throttle=throttle)
+    unresolved = spotify.AccountsClient(
+        "id", "secret", "http://does-not-exist.invalid", 0.5, logger=logger, throttle=throttle)
     with caplog.at_level(logging.WARNING, logger="test_causes"):
         for _ in range(3):
             with pytest.raises(spotify.Unreachable):
                 client.refresh("AQDraw")
         assert len(caplog.records) == 1
         # Another cause in the same process is its own line.
-        unresolved._warned_at = client._warned_at  # one worker: one client, both causes
         with pytest.raises(spotify.Unreachable):
             unresolved.refresh("AQDraw")
         assert [r.getMessage().split(": ")[1].split(";")[0] for r in caplog.records] == [
             "connection refused", "name not resolved"]
         # Once the minute is over, the cause is logged again.
-        monkeypatch.setattr(spotify, "WARN_SECONDS", 0.0)
+        now[0] += 60
         with pytest.raises(spotify.Unreachable):
             client.refresh("AQDraw")
         assert len(caplog.records) == 3

@@ -21,6 +21,23 @@ CODE = "AQC-secret-code-never-logged"
 TOKEN_IN_QUERY = "token-in-the-query-never-logged"
 
 
+# -- lines said at most once a minute ------------------------------------------------------------
+
+
+def test_a_throttle_allows_each_cause_once_per_period():
+    now = [100.0]
+    throttle = logs.Throttle(60.0, clock=lambda: now[0])
+    assert throttle.allows("a") and not throttle.allows("a")
+    assert throttle.allows("b"), "each cause has its own period"
+    now[0] += 59.9
+    assert not throttle.allows("a")
+    now[0] += 0.1
+    assert throttle.allows("a") and not throttle.allows("a")
+    assert throttle.allows("b"), "b was logged at 100.0: its minute is over too"
+    now[0] += 60
+    assert throttle.allows(None) and not throttle.allows(None), "a single line needs no cause"
+
+
 # -- request ids in the app ----------------------------------------------------------------------
 
 
