@@ -252,19 +252,6 @@ def test_spotify_refusing_the_services_credentials_is_a_5xx_and_logged_for_the_o
         assert secret not in caplog.text
 
 
-def test_the_misconfiguration_is_logged_again_after_a_minute(make_client, spotify, caplog, monkeypatch):
-    import errors as app_module
-
-    now = [1000.0]
-    monkeypatch.setattr(app_module.time, "monotonic", lambda: now[0])
-    client = make_client()
-    spotify.post(TOKEN_URL, status=400, json=REFUSALS[0][0])
-    for step in (0, 30, 31, 10):
-        now[0] += step
-        client.post("/swap", data={"code": CODE})
-    assert sum(r.levelno == logging.ERROR for r in caplog.records) == 2
-
-
 def test_a_redirect_uri_spotify_does_not_know_goes_to_the_app_and_warns_the_operator(client, spotify, caplog):
     answer = {"error": "invalid_grant", "error_description": "Invalid redirect URI"}
     expect(spotify, swap_form(CODE, OTHER_CALLBACK), status=400, json=answer)
