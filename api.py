@@ -100,14 +100,15 @@ def _check_client_id(svc: Service, data: Mapping[str, Any]) -> None:
     client_id = _field(data, "client_id", required=False)
     if client_id is not None and client_id != svc.config.client_id:
         raise OAuthError(
-            400, "invalid_client", "This token service serves another Spotify app: 'client_id' is not its client ID"
+            400, "invalid_client", "This token service serves another Spotify app: 'client_id' is not its SPOTIFY_CLIENT_ID"
         )
     credentials = request.authorization
     if credentials is not None and credentials.type == "basic" and credentials.username:
         if unquote_plus(credentials.username) != svc.config.client_id:
             raise OAuthError(
                 401, "invalid_client",
-                "This token service serves another Spotify app: the client ID in the Authorization header is not its",
+                "This token service serves another Spotify app: the client ID in the Authorization header is not its "
+                "SPOTIFY_CLIENT_ID",
                 headers={"WWW-Authenticate": 'Basic realm="token swap"'},
             )
 
@@ -213,7 +214,7 @@ def _swap(svc: Service, data: Mapping[str, Any]) -> dict[str, Any]:
     callbacks = svc.config.callback_urls
     redirect_uri = _field(data, "redirect_uri", required=False) or callbacks[0]
     if redirect_uri not in callbacks:
-        raise OAuthError(400, "invalid_request", "'redirect_uri' is not one this service allows")
+        raise OAuthError(400, "invalid_request", "'redirect_uri' is not one this service allows: add it to SPOTIFY_CLIENT_CALLBACK_URL")
     verifier = _field(data, "code_verifier", required=False)
     if verifier is not None and not _CODE_VERIFIER.fullmatch(verifier):
         raise OAuthError(400, "invalid_request", "'code_verifier' must be 43-128 characters (RFC 7636)")

@@ -77,7 +77,7 @@ def test_swap_with_allowed_non_default_redirect_uri(client, spotify, style):
 @pytest.mark.parametrize("style", ["form", "json"])
 def test_swap_with_redirect_uri_not_allowed(client, spotify, redirect_uri, style):
     response = post(client, "/swap", {"code": CODE, "redirect_uri": redirect_uri}, style)
-    assert_error(response, 400, "invalid_request")
+    assert "SPOTIFY_CLIENT_CALLBACK_URL" in assert_error(response, 400, "invalid_request")["error_description"]
     assert len(spotify.calls) == 0
 
 

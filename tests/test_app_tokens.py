@@ -203,6 +203,7 @@ def test_another_apps_client_id_in_basic_is_401_invalid_client_with_www_authenti
     body = assert_error(response, 401, "invalid_client")
     assert response.headers["WWW-Authenticate"].startswith("Basic")
     assert "another-apps-client-id" not in body["error_description"]
+    assert body["error_description"].endswith("is not its SPOTIFY_CLIENT_ID")  # the setting to compare, said whole
     assert len(spotify.calls) == 0
 
 
