@@ -19,7 +19,7 @@ import spotify
 from config import BODY_TIMEOUT, MAX_BODY_BYTES
 from crypto import InvalidToken, Opened
 from errors import OAuthError, json_response
-from service import Service, service
+from resources import Resources, resources
 
 # Each path has the grant it serves when a request names none (RFC 6749 section 4.1.3 or 6). The
 # /v1/ paths are those of Spotify's own "Token Swap and Refresh" guide.
@@ -74,7 +74,7 @@ for _path in APP_TOKEN_PATHS:
 
 def _token_endpoint(path_grant: str) -> Response:
     """Swap or refresh, as `grant_type` says, or as the path serves when it says nothing."""
-    svc = service()
+    svc = resources()
     data = _body()
     grant = _field(data, "grant_type", required=False)
     grants = (SWAP, REFRESH, APP_TOKEN) if svc.config.client_credentials else (SWAP, REFRESH)
@@ -92,7 +92,7 @@ def _token_endpoint(path_grant: str) -> Response:
     return json_response(tokens)
 
 
-def _check_client_id(svc: Service, data: Mapping[str, Any]) -> None:
+def _check_client_id(svc: Resources, data: Mapping[str, Any]) -> None:
     """OAuth libraries add a client id (in the body, or as the user name of Basic credentials, RFC 6749
     section 2.3.1) and often a client secret: accepted, never forwarded. Another app's id is a setup
     mistake, said as RFC 6749 section 5.2 says; the password part is ignored (libraries send `None`,
@@ -209,7 +209,7 @@ def _opaque(data: Mapping[str, Any], name: str) -> str:
 # -- the grants ----------------------------------------------------------------------------------
 
 
-def _swap(svc: Service, data: Mapping[str, Any]) -> dict[str, Any]:
+def _swap(svc: Resources, data: Mapping[str, Any]) -> dict[str, Any]:
     code = _opaque(data, "code")
     callbacks = svc.config.callback_urls
     redirect_uri = _field(data, "redirect_uri", required=False) or callbacks[0]
@@ -232,7 +232,7 @@ def _swap(svc: Service, data: Mapping[str, Any]) -> dict[str, Any]:
     return _sealed(svc, tokens)
 
 
-def _refresh(svc: Service, data: Mapping[str, Any], *, code_is_token: bool) -> dict[str, Any]:
+def _refresh(svc: Resources, data: Mapping[str, Any], *, code_is_token: bool) -> dict[str, Any]:
     token = _field(data, "refresh_token", required=False)
     if token is None and code_is_token:
         # SpotifyAPI-NET's own guide refreshes with TokenSwapTokenRequest: the sealed token
@@ -254,7 +254,7 @@ def _refresh(svc: Service, data: Mapping[str, Any], *, code_is_token: bool) -> d
     return _sealed(svc, tokens, otherwise=kept)
 
 
-def _app_token(svc: Service) -> dict[str, Any]:
+def _app_token(svc: Resources) -> dict[str, Any]:
     """An app-only token: the one this process holds while it is fresh, else a new one from Spotify."""
 
     def fetch() -> dict[str, Any]:
@@ -264,14 +264,14 @@ def _app_token(svc: Service) -> dict[str, Any]:
     return svc.app_tokens.get(fetch)
 
 
-def _open(svc: Service, token: str) -> Opened | None:
+def _open(svc: Resources, token: str) -> Opened | None:
     try:
         return svc.sealer.open(token)
     except InvalidToken:
         return None
 
 
-def _sealed(svc: Service, tokens: dict[str, Any], otherwise: str | None = None) -> dict[str, Any]:
+def _sealed(svc: Resources, tokens: dict[str, Any], otherwise: str | None = None) -> dict[str, Any]:
     """Spotify's answer with its refresh token sealed (the raw one never reaches the client), or
     with `otherwise` when it has none."""
     raw = tokens.pop("refresh_token", None)

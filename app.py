@@ -14,7 +14,7 @@ import metrics
 import page
 import proxies
 import ratelimit
-import service
+import resources
 from config import MAX_BODY_BYTES, Config, ConfigError, load_config
 
 
@@ -33,7 +33,7 @@ def create_app(config: Config | None = None) -> Flask:
                 return app  # gen-secret and check need no configuration: check reports this one
             raise click.ClickException(str(err)) if click.get_current_context(silent=True) else err
     logs.init_app(app)
-    service.init_app(app, config, observer=metrics.init_app(app, config))
+    resources.init_app(app, config, observer=metrics.init_app(app, config))
     app.register_blueprint(api.bp)
     page.init_app(app)
     errors.init_app(app)

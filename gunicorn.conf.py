@@ -41,7 +41,7 @@ except ValueError:
 
 # Each request spends almost all its time waiting on Spotify: gevent workers keep up to
 # worker_connections of them waiting at once per process, at a few KB each, instead of a thread
-# or process apiece. The pool of connections to Spotify (service.py) is as large, so each has one.
+# or process apiece. The pool of connections to Spotify (resources.py) is as large, so each has one.
 # gthread workers pay a thread per waiting request and serve fewer (bench/README.md).
 # server.Worker is gunicorn's gevent worker that closes idle connections at once on a stop.
 worker_class = "server.Worker"

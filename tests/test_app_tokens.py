@@ -17,7 +17,7 @@ import requests
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, json_answer
 from ratelimit import Refused
-from service import AppTokens
+from resources import AppTokens
 from spotify import Unreachable
 from tests.helpers import (
     CALLBACK,

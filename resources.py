@@ -15,7 +15,7 @@ from config import Config, connections_per_worker
 from crypto import TokenSealer
 
 
-class Service:
+class Resources:
     """The configuration and the objects built from it, shared by every request of one process."""
 
     def __init__(self, config: Config, observer: spotify.Observer | None = None,
@@ -76,11 +76,11 @@ class AppTokens:
 
 
 def init_app(app: Flask, config: Config, observer: spotify.Observer | None = None) -> None:
-    """Build the service for this app from `config`; `observer` sees every call to Spotify."""
-    app.extensions["tokenswap"] = Service(config, observer, app.logger)
+    """Build the resources of this app from `config`; `observer` sees every call to Spotify."""
+    app.extensions["tokenswap"] = Resources(config, observer, app.logger)
 
 
-def service() -> Service:
-    """The current app's service."""
-    svc: Service = current_app.extensions["tokenswap"]
-    return svc
+def resources() -> Resources:
+    """The current app's resources."""
+    held: Resources = current_app.extensions["tokenswap"]
+    return held
