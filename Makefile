@@ -21,7 +21,7 @@ APT_GET = $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Time
 .PHONY: run test test-tools python
 
 run: python $(VENV)/.run-installed
-	$(VENV)/bin/python run.py --host $(HOST) --port $(PORT)
+	$(VENV)/bin/python -m devtools.run --host $(HOST) --port $(PORT)
 
 test: python $(VENV)/.test-installed test-tools
 	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory tests/node/node_modules/.installed; fi

@@ -39,7 +39,7 @@ SERVER_VARIABLES: dict[str, str] = {
     "WEB_CONCURRENCY": "Number of gunicorn worker processes (default 2)",
 }
 
-# Set by `make run` (run.py) for the server it starts, never by an operator: not in the deploy descriptors.
+# Set by `make run` (devtools/run.py) for the server it starts, never by an operator: not in the deploy descriptors.
 DEV_VARIABLES: dict[str, str] = {
     "TOKENSWAP_CREDENTIALS_CHECKED": "What make run's check of the Spotify credentials found: accepted or failed",
 }

@@ -358,15 +358,14 @@ def test_dockerfile_installs_only_the_runtime_requirements_without_a_cache():
 def test_dockerfile_copies_every_module_the_service_imports_and_nothing_else():
     copied = set(docker_copied_files())
     needed = local_imports(ROOT / "app.py") | local_imports(ROOT / "gunicorn.conf.py")
-    # Every module at the top of the tree but the development launcher is the service's.
-    assert needed == {path.name for path in ROOT.glob("*.py")} - {"run.py"}
+    # Every module at the top of the tree is the service's.
+    assert needed == {path.name for path in ROOT.glob("*.py")}
     # The landing page's files are read by Flask from these folders, not imported.
     assert copied == needed | {"requirements.txt", "templates", "static"}
 
 
 def test_no_module_of_the_service_imports_tests_devtools_or_benchmarks():
-    # run.py, `make run`'s launcher, is the one module at the top allowed to start the stand-in.
-    for module in set(ROOT.glob("*.py")) - {ROOT / "run.py"}:
+    for module in ROOT.glob("*.py"):
         for node in ast.walk(ast.parse(module.read_text())):
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])

@@ -1,4 +1,4 @@
-"""One configuration file for every way of starting: `flask run`, `make run` (run.py) and the Procfile's gunicorn
+"""One configuration file for every way of starting: `flask run`, `make run` (devtools/run.py) and the Procfile's gunicorn
 command all read .env, values with ";" included, and the environment wins over the file."""
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
         # As a platform runs it: its PORT; stay on loopback as devtools/process.py does.
         "Procfile": (["bash", "-c", "exec " + web_command()],
                      {"PORT": str(port), "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}"}),
-        "make run": ([sys.executable, "run.py", "--port", str(port)], {}),
+        "make run": ([sys.executable, "-m", "devtools.run", "--port", str(port)], {}),
     }
     command, extra = commands[way]
     with FakeAccounts() as fake:

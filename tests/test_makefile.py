@@ -57,11 +57,12 @@ def old_python(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def checkout(tmp_path) -> Path:
-    """The Makefile with empty requirements and a run.py that says which Python runs it."""
+    """The Makefile with empty requirements and a devtools/run.py that says which Python runs it."""
     (tmp_path / "Makefile").write_text((ROOT / "Makefile").read_text())
     for name in ("requirements.txt", "requirements-dev.txt"):
         (tmp_path / name).write_text("")
-    (tmp_path / "run.py").write_text('import sys\nprint("run.py on Python %d.%d" % sys.version_info[:2])\n')
+    (tmp_path / "devtools").mkdir()
+    (tmp_path / "devtools" / "run.py").write_text('import sys\nprint("run.py on Python %d.%d" % sys.version_info[:2])\n')
     return tmp_path
 
 

@@ -1,4 +1,4 @@
-"""`make run` (run.py): .env written with a fresh secret, the stand-in for Spotify when .env has no credentials,
+"""`make run` (devtools/run.py): .env written with a fresh secret, the stand-in for Spotify when .env has no credentials,
 and what the console says."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import requests
 from dotenv import dotenv_values
 
-import run
+from devtools import run
 from config import MIN_SECRET_LENGTH, load_config
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import CLOSE, free_port, json_answer
@@ -88,7 +88,7 @@ def test_from_a_fresh_copy_it_serves_against_the_stand_in(tmp_path):
     assert not (directory / ".env").exists()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with started([sys.executable, "run.py", "--port", str(port)], directory, bare_environment(), url) as output:
+    with started([sys.executable, "-m", "devtools.run", "--port", str(port)], directory, bare_environment(), url) as output:
         assert (directory / ".env").exists()
         page = requests.get(url + "/", headers=CLOSE, timeout=10)
         assert page.status_code == 200 and 'id="stand-in"' in page.text
@@ -128,7 +128,7 @@ def test_with_credentials_in_dotenv_it_checks_them_before_serving_and_the_page_s
                                         f"ENCRYPTION_SECRET={'s' * 32}\n")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        with started([sys.executable, "run.py", "--port", str(port)], directory, bare_environment(), url) as output:
+        with started([sys.executable, "-m", "devtools.run", "--port", str(port)], directory, bare_environment(), url) as output:
             page = requests.get(url + "/", headers=CLOSE, timeout=10).text
     console = output()
     assert "Checking this deployment before serving" in console
@@ -185,7 +185,7 @@ def test_a_stop_prints_no_traceback_leaves_no_process_and_takes_seconds(tmp_path
     log_path = tmp_path / "console.log"
     with log_path.open("wb") as log:
         # A process group of its own, like a shell's foreground job.
-        process = subprocess.Popen([sys.executable, "run.py", "--port", str(port)], cwd=directory,
+        process = subprocess.Popen([sys.executable, "-m", "devtools.run", "--port", str(port)], cwd=directory,
                                    env=bare_environment(), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
@@ -236,7 +236,7 @@ def test_a_busy_port_is_said_plainly_and_no_banner_is_printed(tmp_path):
     threading.Thread(target=other.serve_forever, daemon=True).start()
     try:
         started_at = time.monotonic()
-        result = subprocess.run([sys.executable, "run.py", "--port", str(port)], cwd=directory,
+        result = subprocess.run([sys.executable, "-m", "devtools.run", "--port", str(port)], cwd=directory,
                                 env=bare_environment(), capture_output=True, text=True, timeout=30)
         took = time.monotonic() - started_at
     finally:
@@ -250,7 +250,7 @@ def test_a_busy_port_is_said_plainly_and_no_banner_is_printed(tmp_path):
     # On every interface too: the port is taken on 127.0.0.1.
     other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
     try:
-        result = subprocess.run([sys.executable, "run.py", "--host", "0.0.0.0", "--port", str(other.server_address[1])],
+        result = subprocess.run([sys.executable, "-m", "devtools.run", "--host", "0.0.0.0", "--port", str(other.server_address[1])],
                                 cwd=directory, env=bare_environment(), capture_output=True, text=True, timeout=30)
     finally:
         other.server_close()

@@ -29,7 +29,7 @@ import check
 from config import generate_secret
 from devtools.process import wait_until_up, web_command
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 # Spotify's Ruby demo listens here, and the iOS SDK's demo projects send their swaps and refreshes here.
 PORT = 1234
 
