@@ -4,24 +4,25 @@ This module decides what is counted and when (`Limits`), and wires itself into a
 `init_app`. The routes call `admit()` before each call to Spotify; answers are counted after each
 request. What a refusal looks like over HTTP is the app's business: it renders `Refused`.
 The parts live next door: the storage the counts are kept in (`limitstore`), the queue of a
-client's concurrent calls (`admission`), and addresses as budget keys (`addresses`).
+client's concurrent calls (`admission`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TypeVar
 
 from flask import Flask, Response, current_app, g, request
 from limits import RateLimitItem, parse_many
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from addresses import canonical_address
 from admission import Admission, WindowCount
 from config import Config
 from limitstore import ProcessMemory, StorageWatch, storage_for
@@ -163,6 +164,32 @@ def client_key() -> str:
     connection = request.environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR") or ""
     _log_bad_address(request.remote_addr or "")
     return canonical_address(connection) or "unknown"
+
+
+@lru_cache(maxsize=4096)
+def canonical_address(spelling: str) -> str | None:
+    """An address as a budget key, or None if it is none.
+
+    Brackets, a port and a zone id are dropped; an IPv4-mapped IPv6 address is its IPv4 address;
+    any other IPv6 address stands for its /64, the block one home or phone is given.
+    """
+    text = spelling.strip()
+    if text.startswith("["):
+        text, bracket, _ = text[1:].partition("]")
+        if not bracket:
+            return None
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.partition(":")[0]
+    text = text.partition("%")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 _bad_address_logged = 0.0

@@ -16,7 +16,6 @@ import pytest
 import responses
 
 import ratelimit
-from addresses import canonical_address
 from crypto import TokenSealer
 from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
 from devtools.fake_accounts import CLIENT_ID, FakeAccounts
@@ -54,12 +53,12 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
     ],
 )
 def test_each_spelling_of_an_address_has_one_key(spelling, key):
-    assert canonical_address(spelling) == key
+    assert ratelimit.canonical_address(spelling) == key
 
 
 @pytest.mark.parametrize("spelling", ["", "unknown", "not-an-ip", "203.0.113", "999.1.1.1", "[2001:db8::1", "a:b:c"])
 def test_what_is_no_address_has_no_key(spelling):
-    assert canonical_address(spelling) is None
+    assert ratelimit.canonical_address(spelling) is None
 
 
 @pytest.mark.window(5, "1/hour")
