@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from flask import Flask, Response
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import api
 import commands
@@ -12,7 +13,6 @@ import errors
 import logs
 import metrics
 import page
-import proxies
 import ratelimit
 import resources
 from config import MAX_BODY_BYTES, Config, ConfigError, load_config
@@ -37,7 +37,10 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(api.bp)
     page.init_app(app)
     errors.init_app(app)
-    proxies.init_app(app, config)
+    if config.trusted_proxies:  # the client's address and scheme from X-Forwarded-For/-Proto, set by those proxies
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]  # werkzeug's documented way to wrap the WSGI app
+            app.wsgi_app, x_for=config.trusted_proxies, x_proto=config.trusted_proxies
+        )
     cors.init_app(app, config)
     ratelimit.init_app(app, config)
     return app
