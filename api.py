@@ -64,12 +64,12 @@ def app_token() -> Response:
     return _token_endpoint(APP_TOKEN)
 
 
-for _path in SWAP_PATHS:
-    bp.add_url_rule(_path, "swap", swap, methods=["POST"])
-for _path in REFRESH_PATHS:
-    bp.add_url_rule(_path, "refresh", refresh, methods=["POST"])
-for _path in APP_TOKEN_PATHS:
-    bp.add_url_rule(_path, "app_token", app_token, methods=["POST"])
+_TOKEN_VIEWS = ((swap, SWAP_PATHS, SWAP), (refresh, REFRESH_PATHS, REFRESH), (app_token, APP_TOKEN_PATHS, APP_TOKEN))
+for _view, _paths, _ in _TOKEN_VIEWS:
+    for _path in _paths:
+        bp.add_url_rule(_path, view_func=_view, methods=["POST"])  # the endpoint is the view's name
+# The token endpoints as request.endpoint names them, and the grant each serves when a request names none.
+ENDPOINT_GRANTS = {f"{bp.name}.{view.__name__}": grant for view, _, grant in _TOKEN_VIEWS}
 
 
 def _token_endpoint(path_grant: str) -> Response:

@@ -33,7 +33,7 @@ def create_app(config: Config | None = None) -> Flask:
                 return app  # gen-secret and check need no configuration: check reports this one
             raise click.ClickException(str(err)) if click.get_current_context(silent=True) else err
     logs.init_app(app)
-    resources.init_app(app, config, observer=metrics.init_app(app, config))
+    resources.init_app(app, config, observer=metrics.init_app(app, config, api.ENDPOINT_GRANTS))
     app.register_blueprint(api.bp)
     page.init_app(app)
     errors.init_app(app)

@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, current_app, g, request
@@ -33,8 +34,6 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "tokenswap"
 # Seconds: Spotify usually answers in 0.1-0.3 s; SPOTIFY_TIMEOUT is 10 by default, at most 300.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-# The api blueprint's token endpoints, and the grant each serves when a request names none.
-_ENDPOINT_GRANTS = {"api.swap": "authorization_code", "api.refresh": "refresh_token", "api.app_token": "client_credentials"}
 # A label value taken from an answer: an OAuth error code is lower-case letters and underscores.
 _CODE = re.compile(r"[a-z_]{1,40}")
 # Deploy platforms name the commit being run in one of these (Heroku, Render, others).
@@ -79,8 +78,9 @@ def remove_directory(path: str | None) -> None:
 class Metrics:
     """The service's metrics in one process. Also the observer of calls to Spotify (spotify.Observer)."""
 
-    def __init__(self, keys: tuple[str, ...] = ()) -> None:
-        """`keys`: the ids of the keys that open tokens (and "legacy"), shown from the start at 0."""
+    def __init__(self, keys: tuple[str, ...] = (), grants: tuple[str, ...] = ()) -> None:
+        """`keys`: the ids of the keys that open tokens (and "legacy"); `grants`: those the token endpoints
+        serve; both shown from the start at 0."""
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         # A registry per app, so that several apps in one process (tests) each count their own.
@@ -125,7 +125,7 @@ class Metrics:
             self.tokens_opened.labels(key)
         for reason in Refused.REASONS:
             self.refused.labels(reason)
-        for grant in _ENDPOINT_GRANTS.values():
+        for grant in grants:
             self.requests.labels(grant, "ok")
 
     # spotify.Observer
@@ -163,15 +163,16 @@ def _build_labels() -> dict[str, str]:
     }
 
 
-def init_app(app: Flask, config: Config) -> Metrics | None:
-    """With METRICS_TOKEN set: count requests and serve GET /metrics to its bearer. Returns the
-    Metrics (the observer of calls to Spotify), or None when metrics are off."""
+def init_app(app: Flask, config: Config, endpoint_grants: Mapping[str, str]) -> Metrics | None:
+    """With METRICS_TOKEN set: count requests and serve GET /metrics to its bearer. `endpoint_grants`:
+    the endpoints whose answers are counted, and the grant each serves when a request names none (the
+    api blueprint's). Returns the Metrics (the observer of calls to Spotify), or None when metrics are off."""
     if not config.metrics_token:
         return None
     from crypto import LEGACY_KEY, key_id
 
     keys = tuple(key_id(secret).hex() for secret in config.encryption_secrets)
-    metrics = Metrics(keys + ((LEGACY_KEY,) if config.legacy_secret else ()))
+    metrics = Metrics(keys + ((LEGACY_KEY,) if config.legacy_secret else ()), tuple(endpoint_grants.values()))
     app.extensions["metrics"] = metrics
     expected = f"Bearer {config.metrics_token}".encode()
 
@@ -197,7 +198,7 @@ def init_app(app: Flask, config: Config) -> Metrics | None:
 
     @app.after_request
     def count_answer(response: Response) -> Response:
-        default = _ENDPOINT_GRANTS.get(request.endpoint or "")
+        default = endpoint_grants.get(request.endpoint or "")
         if default is not None:
             grant = g.get("metrics_grant") or default
             metrics.requests.labels(grant, _outcome(response)).inc()
