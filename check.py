@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import spotify
-from config import Config, ConfigError, load_config, redacted_url
+from config import Config, ConfigError, load_config
 from crypto import key_id
 from limitstore import storage_for
+from logs import redacted_url
 
 OK, FAIL, INFO = "ok  ", "FAIL", "info"
 

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from limits import parse_many
 
+from logs import redacted_url
+
 # Every variable the service reads, with a one-line description. Deploy descriptors
 # (app.json, render.yaml, .env.example, the README table) are tested against this.
 VARIABLES: dict[str, str] = {
@@ -103,19 +105,6 @@ def _split(value: str) -> tuple[str, ...]:
 def _is_http_url(value: str) -> bool:
     parts = urlsplit(value)
     return parts.scheme in ("http", "https") and bool(parts.netloc)
-
-
-def redacted_url(url: str) -> str:
-    """The URL as it may be shown (page, `check`, logs): no user name, password, query or fragment.
-
-    Everything up to the last "@" is dropped, wherever it is: a password holding an unencoded "/",
-    "?" or "#" moves the "@" out of what a URL parser calls the host, and must not show either.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return "(not a URL)"
-    rest = rest.rpartition("@")[2]
-    return f"{scheme}://{re.split(r'[?#]', rest, maxsplit=1)[0]}"
 
 
 def _base_url(name: str, value: str, problems: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""Log lines: request ids (X-Request-ID in, out, and on every line of a request) and LOG_FORMAT=json.
+"""Log lines: request ids (X-Request-ID in, out, and on every line of a request), LOG_FORMAT=json, what a
+line may show of a URL setting (redacted_url), and the throttle of lines said at most once a minute.
 
 gunicorn takes the JSON formatter through its public `logconfig_dict` setting (json_logconfig());
 the app wires the request id with init_app(). What is printed rather than logged (gevent's reports of a
@@ -57,6 +58,19 @@ class Throttle:
                 return False
             self._logged_at[cause] = now
             return True
+
+
+def redacted_url(url: str) -> str:
+    """The URL as it may be shown (page, `check`, logs): no user name, password, query or fragment.
+
+    Everything up to the last "@" is dropped, wherever it is: a password holding an unencoded "/",
+    "?" or "#" moves the "@" out of what a URL parser calls the host, and must not show either.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "(not a URL)"
+    rest = rest.rpartition("@")[2]
+    return f"{scheme}://{re.split(r'[?#]', rest, maxsplit=1)[0]}"
 
 
 def request_id() -> str:

@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, Response, current_app, render_template, request
 from markupsafe import Markup, escape
 
-from config import Config, redacted_url
+from config import Config
+from logs import redacted_url
 
 # Where a Spotify app's redirect URIs are registered.
 DASHBOARD_URL = "https://developer.spotify.com/dashboard"

@@ -25,8 +25,7 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from config import redacted_url
-from logs import Throttle
+from logs import Throttle, redacted_url
 
 
 class SpotifyError(Exception):

@@ -10,7 +10,7 @@ import pytest
 import check
 import logs
 import spotify
-from config import redacted_url
+from logs import redacted_url
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import free_port
 from tests.helpers import BASE_CONFIG, app_for

@@ -7,7 +7,8 @@ import pytest
 import responses
 
 import check
-from config import ConfigError, load_config, redacted_url
+from config import ConfigError, load_config
+from logs import redacted_url
 from tests.helpers import BASE_CONFIG
 
 PASSWORD = "pa55#w0rd"
