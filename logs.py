@@ -73,6 +73,23 @@ def redacted_url(url: str) -> str:
     return f"{scheme}://{re.split(r'[?#]', rest, maxsplit=1)[0]}"
 
 
+# The longest address a client field can hold (an IPv6 address with an IPv4 tail and a zone).
+CLIENT_FIELD_LENGTH = 45
+
+
+def client_field(value: str) -> str:
+    """A client address as a log line shows it (the access line's client; the rate limits' warning about an
+    X-Forwarded-For entry that is no address): an address as it is; anything else (an X-Forwarded-For entry
+    is the client's to fill) escaped into one field of printable ASCII with no space or quote, cut at
+    CLIENT_FIELD_LENGTH characters."""
+    if len(value) <= CLIENT_FIELD_LENGTH and value.isascii() and value.isprintable() \
+            and " " not in value and '"' not in value:
+        return value
+    cut = value[:CLIENT_FIELD_LENGTH]
+    escaped = cut.encode("unicode_escape").decode("ascii").replace(" ", "\\x20").replace('"', "\\x22")
+    return escaped + ("..." if len(value) > CLIENT_FIELD_LENGTH else "")
+
+
 def request_id() -> str:
     """This request's id: the client's X-Request-ID if it is acceptable, else a fresh one."""
     rid: str | None = g.get("request_id")

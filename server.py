@@ -51,22 +51,6 @@ def redacted(value: object) -> object:
     return _AFTER_PATH.sub("...", value) if isinstance(value, str) else value
 
 
-# The longest address a client field can hold (an IPv6 address with an IPv4 tail and a zone), as the
-# rate limits' warning line cuts an X-Forwarded-For entry that is no address.
-CLIENT_FIELD_LENGTH = 45
-
-
-def client_field(value: str) -> str:
-    """The access line's client: an address as it is; anything else (a proxy's X-Forwarded-For entry is the
-    client's to fill) escaped into one field of printable ASCII with no space or quote, cut at 45 characters."""
-    if len(value) <= CLIENT_FIELD_LENGTH and value.isascii() and value.isprintable() \
-            and " " not in value and '"' not in value:
-        return value
-    cut = value[:CLIENT_FIELD_LENGTH]
-    escaped = cut.encode("unicode_escape").decode("ascii").replace(" ", "\\x20").replace('"', "\\x22")
-    return escaped + ("..." if len(value) > CLIENT_FIELD_LENGTH else "")
-
-
 def _escaped(value: Any) -> Any:
     # The stubs say str; an atom may be an int (bytes sent, milliseconds) or None.
     if isinstance(value, str) and not value.isprintable():
@@ -95,7 +79,7 @@ class Logger(glogging.Logger):
             # copies every header and environ entry and formats a date, for each request.
             status = str(resp.status).split(None, 1)[0]
             atoms: _AtomsDict = {
-                "h": client_field(environ.get("REMOTE_ADDR") or "-"),
+                "h": logs.client_field(environ.get("REMOTE_ADDR") or "-"),
                 "m": environ.get("REQUEST_METHOD"),
                 "U": environ.get("PATH_INFO"),
                 "s": status,
@@ -106,7 +90,7 @@ class Logger(glogging.Logger):
             }
         else:
             atoms = super().atoms(resp, req, environ, request_time)
-            atoms["h"] = client_field(atoms.get("h") or "-")
+            atoms["h"] = logs.client_field(atoms.get("h") or "-")
         path, line = atoms.get("U"), atoms.get("r")
         if path is not None:
             atoms["U"] = _AFTER_PATH.sub("...", path)
