@@ -23,6 +23,7 @@ from flask import Flask, Response, current_app, g, request
 from limits import RateLimitItem, parse_many
 from limits.strategies import SlidingWindowCounterRateLimiter
 
+import logs
 from admission import Admission, WindowCount
 from config import Config
 from limitstore import ProcessMemory, StorageWatch, storage_for
@@ -34,8 +35,6 @@ STORAGE_RETRY_SECONDS = 5.0
 # How many more calls in flight an address earns, at most, by calls of its that succeeded: room for
 # the users behind one carrier NAT, and the most a burst of junk can overshoot the failure budget.
 SUCCESS_ROOM = 10
-# How often, at most, a worker logs that an X-Forwarded-For entry was no address.
-_BAD_ADDRESS_LOG_SECONDS = 60.0
 # Requests that can never be refused nor counted: they read, and never reach Spotify.
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -192,19 +191,13 @@ def canonical_address(spelling: str) -> str | None:
     return str(address)
 
 
-_bad_address_logged = 0.0
-
-
 def _log_bad_address(spelling: str) -> None:
-    global _bad_address_logged
-    now = time.monotonic()
-    if now - _bad_address_logged >= _BAD_ADDRESS_LOG_SECONDS or not _bad_address_logged:
-        _bad_address_logged = now
+    limits: Limits = current_app.extensions["ratelimit"]
+    if limits.log_throttle.allows("bad address"):
         current_app.logger.warning(
             "X-Forwarded-For entry %s is not an address: counting its requests under the "
             "connection's own address (logged at most once a minute)",
-            # Escaped, and no longer than an address can be: a header is the client's to fill.
-            ascii(spelling[:45]) + ("..." if len(spelling) > 45 else ""),
+            logs.client_field(spelling),  # escaped and cut: a header is the client's to fill
         )
 
 
@@ -260,6 +253,8 @@ class Limits:
         # as long as the limit's. Not a limit, so not the limits library's: its memory storage
         # costs an expiry timer per count, on the path of every successful request.
         self._successes = [WindowCount(item.get_expiry()) for item in self._failures]
+        # Lines said at most once a minute per worker (an X-Forwarded-For entry that is no address).
+        self.log_throttle = logs.Throttle()
         # Calls to Spotify in flight, and requests waiting for one to end, by client.
         self.admission = Admission()
 
