@@ -306,24 +306,3 @@ def longest_request_seconds(config: Config) -> float:
     gives a stop this long plus STOP_MARGIN, so that no admitted request is killed by a stop."""
     queue_wait = config.timeout
     return BODY_TIMEOUT + queue_wait + config.timeout
-
-
-# Most connections one gunicorn worker serves at once, however many open files it may have: each
-# idle one costs its worker memory (bench/README.md, "Connection floods").
-MAX_CONNECTIONS_PER_WORKER = 10_000
-# Open files a worker needs besides its connections: listening socket, log, pipes, Redis, its hub.
-OTHER_OPEN_FILES = 100
-
-
-def connections_per_worker() -> int:
-    """How many connections one worker serves at once (gunicorn's worker_connections, and the size
-    of the worker's pool of connections to Spotify): two open files each, the client's and its
-    own to Spotify, within this process's open-file limit; at most MAX_CONNECTIONS_PER_WORKER."""
-    try:
-        import resource
-    except ImportError:  # Windows: no open-file limit to read, and no gunicorn either
-        return MAX_CONNECTIONS_PER_WORKER
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS_PER_WORKER
-    return max(1, min(MAX_CONNECTIONS_PER_WORKER, (soft - OTHER_OPEN_FILES) // 2))

@@ -8,7 +8,7 @@ from dotenv import find_dotenv, load_dotenv
 
 import logs
 import server
-from config import STOP_MARGIN, ConfigError, connections_per_worker, load_config, longest_request_seconds
+from config import STOP_MARGIN, ConfigError, load_config, longest_request_seconds
 
 # One configuration file for every way of starting: `flask run` reads .env (found from the working
 # directory up, by python-dotenv), so this does too, before the configuration is checked. A variable
@@ -50,7 +50,7 @@ worker_class = "server.Worker"
 server.raise_open_file_limit()
 # A worker whose connections are all taken accepts no more: as many as the open-file limit allows
 # (two files each, the client's and its own to Spotify), so that a flood of idle ones leaves room.
-worker_connections = connections_per_worker()
+worker_connections = server.connections_per_worker()
 
 # A stop waits for the longest request the service may have admitted (config.longest_request_seconds:
 # body, queue wait and Spotify call; 30 s with the default SPOTIFY_TIMEOUT of 10) plus a margin, so no

@@ -11,8 +11,9 @@ from typing import Any
 from flask import Flask, current_app
 
 import spotify
-from config import Config, connections_per_worker
+from config import Config
 from crypto import TokenSealer
+from server import connections_per_worker
 
 
 class Resources:

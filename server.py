@@ -279,6 +279,23 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
     util.write_nonblock(sock, (head + body).encode("latin-1"))
 
 
+# Most connections one gunicorn worker serves at once, however many open files it may have: each
+# idle one costs its worker memory (bench/README.md, "Connection floods").
+MAX_CONNECTIONS_PER_WORKER = 10_000
+# Open files a worker needs besides its connections: listening socket, log, pipes, Redis, its hub.
+OTHER_OPEN_FILES = 100
+
+
+def connections_per_worker() -> int:
+    """How many connections one worker serves at once (gunicorn's worker_connections, and the size
+    of the worker's pool of connections to Spotify): two open files each, the client's and its
+    own to Spotify, within this process's open-file limit; at most MAX_CONNECTIONS_PER_WORKER."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_PER_WORKER
+    return max(1, min(MAX_CONNECTIONS_PER_WORKER, (soft - OTHER_OPEN_FILES) // 2))
+
+
 def raise_open_file_limit() -> None:
     """Raise this process's soft open-file limit to the hard one (what an unprivileged process may):
     every connection a worker holds is an open file. Called in the master, before it forks."""

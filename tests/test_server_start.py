@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from config import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES, connections_per_worker
+from server import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES, connections_per_worker
 from tests.helpers import BASE_CONFIG, app_for, server_env
 from devtools.process import Server, free_port
 
