@@ -2,14 +2,15 @@
 #   make run    the service on http://127.0.0.1:1234 with a live login test, against a stand-in for Spotify
 #               until .env has your app's credentials; `make run HOST=0.0.0.0` listens on every interface
 #   make test   the whole test suite, installing what it needs first (system tools with apt-get)
-# Command-line values (make run PORT=8000) win; the environment's HOST and PORT do not.
+# PORT from make's command line or the environment alike (make run PORT=8000, PORT=8000 make run); HOST only from
+# the command line (make run HOST=0.0.0.0): zsh sets HOST to the machine's name.
 # Both need Python 3.11 or newer (MIN_PYTHON): `make run PYTHON=python3.12` names the interpreter.
 PYTHON = python3
 # The oldest Python the service runs on (pyproject.toml's requires-python says the same).
 MIN_PYTHON = 3.11
 VENV = .venv
 HOST = 127.0.0.1
-PORT = 1234
+PORT := $(or $(PORT),1234)
 # What the tests start besides Python: a browser, a Redis, certificate tools, Node (for a Node OAuth
 # client library), curl (the README's examples), nginx (deploy/nginx.conf), prometheus (/metrics, the alerting
 # rules), wrk (a short run of the benchmark). Debian package = command name (nginx's is in /usr/sbin, not on

@@ -43,7 +43,9 @@ SERVER_VARIABLES: dict[str, str] = {
 
 # Set by `make run` (devtools/run.py) for the server it starts, never by an operator: not in the deploy descriptors.
 DEV_VARIABLES: dict[str, str] = {
-    "TOKENSWAP_CREDENTIALS_CHECKED": "What make run's check of the Spotify credentials found: accepted or failed",
+    "TOKENSWAP_CREDENTIALS_CHECKED": "What make run found: accepted or failed (its check of the Spotify credentials), "
+                                     "or stand-in (none in .env: it started the stand-in for Spotify)",
+    "TOKENSWAP_CHECK_FAILED": "The lines of make run's check that failed, one per line, each naming what to change",
 }
 
 MIN_SECRET_LENGTH = 16
@@ -90,7 +92,9 @@ class Config:
     client_credentials: bool = False
     metrics_token: str | None = None
     log_format: str = "text"
-    credentials_checked: str | None = None  # make run's check: "accepted", "failed", or None (not checked)
+    # What make run found: "accepted", "failed", "stand-in", or None (not started by make run).
+    credentials_checked: str | None = None
+    check_failures: tuple[str, ...] = ()  # make run's check's failed lines, each naming what to change
 
 
 def generate_secret() -> str:
@@ -296,6 +300,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         metrics_token=metrics_token,
         log_format=log_format,
         credentials_checked=get("TOKENSWAP_CREDENTIALS_CHECKED") or None,
+        check_failures=tuple(line.strip() for line in get("TOKENSWAP_CHECK_FAILED").splitlines() if line.strip()),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from urllib.parse import urlsplit
 
@@ -36,29 +37,44 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def spotify_takes(redirect_uri: str) -> bool:
+    """Whether Spotify accepts this as a redirect URI of an app: https, or http on a loopback address
+    literal (127.0.0.1, [::1]); never http://localhost."""
+    parts = urlsplit(redirect_uri)
+    if parts.scheme == "https":
+        return True
+    try:
+        return parts.scheme == "http" and ipaddress.ip_address(parts.hostname or "").is_loopback
+    except ValueError:  # a name, such as localhost
+        return False
+
+
 def _page() -> str:
     config = _config()
     # As the browser sees it: the Host header (proxies pass it on as they got it) and, when TRUSTED_PROXIES is
     # set, the scheme from X-Forwarded-Proto (ProxyFix). X-Forwarded-Host is never trusted: nothing sets x_host.
     base = request.url_root.rstrip("/")
     callback = base + "/callback"
-    # Spotify takes http redirect URIs on loopback addresses only, and not "localhost".
-    loopback = base.replace("localhost", "127.0.0.1", 1) if urlsplit(base).hostname == "localhost" else base
+    # Spotify takes http redirect URIs on loopback addresses only, and not "localhost": the page never advises
+    # a redirect URI Spotify refuses. At localhost it points to the same port at 127.0.0.1.
+    loopback = base.replace("localhost", "127.0.0.1", 1) if urlsplit(base).hostname == "localhost" else None
+    stand_in = config.accounts_url != Config.accounts_url or config.api_url != Config.api_url
     return render_template(
         "page.html",
         base=base,
         callback=callback,
         login_allowed=callback in config.callback_urls,
-        loopback_alternative=(
-            loopback if loopback != base and loopback + "/callback" in config.callback_urls else None
-        ),
+        spotify_takes_callback=spotify_takes(callback),
+        loopback=loopback,
+        loopback_allowed=loopback is not None and loopback + "/callback" in config.callback_urls,
         client_id=config.client_id,
         callback_urls=config.callback_urls,
         # Credentials in these URLs (for an egress proxy) are the operator's, never the public's.
         accounts_url=redacted_url(config.accounts_url),
         api_url=redacted_url(config.api_url),
-        stand_in=config.accounts_url != Config.accounts_url or config.api_url != Config.api_url,
+        stand_in=stand_in,
         credentials_checked=config.credentials_checked,
+        check_failures=config.check_failures,
         dashboard_url=DASHBOARD_URL,
         scope=SCOPE,
     )

@@ -3,7 +3,9 @@
 Writes .env from .env.example with a fresh ENCRYPTION_SECRET when there is none (or adds the secret when it is
 empty), then starts the Procfile's web command on 127.0.0.1:1234, which reads .env through gunicorn.conf.py.
 Without SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET it also starts devtools/fake_accounts.py and points the service
-at it. `--host 0.0.0.0` listens on every interface and prints the URLs a phone on the same network needs.
+at it, the page's /callback on this port allowed; with them it checks them first (`flask --app app check`), and a
+failure is the first and the last thing its banner says, and the first the page says. `--host 0.0.0.0` listens on
+every interface and prints the URLs a phone on the same network needs.
 
 This process binds the port itself and hands the listening socket to gunicorn, so a port already in use is said
 plainly, and the banner is only ever printed for its own server. gunicorn runs in a session of its own: Ctrl-C
@@ -21,12 +23,13 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from dotenv import dotenv_values, set_key
 
 import check
-from config import generate_secret
+from config import Config, generate_secret, redacted_url
 from devtools.process import wait_until_up, web_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +69,19 @@ def lan_address() -> str | None:
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
-def banner(host: str, port: int, stand_in: str | None, lan: str | None, callback_allowed: bool) -> str:
-    """What the console says once the service answers."""
+def banner(host: str, port: int, stand_in: str | None, lan: str | None, callback_allowed: bool,
+           failures: Sequence[str] = (), elsewhere: Sequence[str] = ()) -> str:
+    """What the console says once the service answers: a failed check first, and last."""
     local = f"http://127.0.0.1:{port}" if host in ("0.0.0.0", "127.0.0.1") else f"http://{host}:{port}"
-    lines = ["", f"The token swap service is running: open {local} in a browser.",
-             f"  Swap URL {local}/swap, refresh URL {local}/refresh"
-             + (" (what the iOS SDK's demo projects use)." if port == PORT else ".")]
+    lines = [""]
+    if failures:
+        lines += ["THE CHECK FAILED. Fix what it names (in .env), then stop (Ctrl-C) and start make run again:",
+                  *(f"  {line}" for line in failures),
+                  "The service runs meanwhile, and its page says the same.", ""]
+    lines += [f"The token swap service is running: open {local} in a browser.",
+              f"  Swap URL {local}/swap, refresh URL {local}/refresh"
+              + (f" (the iOS SDK's demo projects use http://localhost:{PORT}/swap and /refresh: this server)."
+                 if port == PORT else ".")]
     if host == "0.0.0.0":
         if lan:
             lines.append(f"  On every interface. From a phone on this network: swap URL http://{lan}:{port}/swap,"
@@ -86,9 +96,14 @@ def banner(host: str, port: int, stand_in: str | None, lan: str | None, callback
         lines += ["", "No Spotify credentials in .env (SPOTIFY_CLIENT_ID, SPOTIFY_CLIENT_SECRET): using a STAND-IN.",
                   stand_in, "Apps logged in with real Spotify cannot swap their codes here. Put your app's"
                   " credentials in .env and run again for the real thing."]
+    elif elsewhere:
+        lines.append(f"  Not Spotify: the credentials in .env, with {' and '.join(elsewhere)}.")
+    elif not failures:
+        lines.append("  Using Spotify, with the credentials in .env: it accepts them.")
+    if failures:
+        lines.append("Stop with Ctrl-C. THE CHECK FAILED (above): change what it names in .env, then make run again.")
     else:
-        lines.append("  Using Spotify, with the credentials in .env.")
-    lines.append("Stop with Ctrl-C.")
+        lines.append("Stop with Ctrl-C.")
     return "\n".join(lines)
 
 
@@ -143,24 +158,42 @@ def main(argv: list[str] | None = None) -> int:
         # gunicorn from this virtualenv, even when it is not activated (make runs .venv/bin/python).
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    local = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
     fake = stand_in = None
+    failures: list[str] = []
+    elsewhere: list[str] = []
+    callbacks = setting("SPOTIFY_CLIENT_CALLBACK_URL", dotenv)
     if not (setting("SPOTIFY_CLIENT_ID", dotenv) and setting("SPOTIFY_CLIENT_SECRET", dotenv)):
         from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts, describe
 
         fake = FakeAccounts(record=False).start()
         stand_in = describe(fake.url)
         env.update(SPOTIFY_CLIENT_ID=CLIENT_ID, SPOTIFY_CLIENT_SECRET=CLIENT_SECRET,
-                   SPOTIFY_ACCOUNTS_URL=fake.url, SPOTIFY_API_URL=fake.url)
+                   SPOTIFY_ACCOUNTS_URL=fake.url, SPOTIFY_API_URL=fake.url,
+                   TOKENSWAP_CREDENTIALS_CHECKED="stand-in")
+        # The stand-in takes any redirect URI: the page's login test works on whichever port this is.
+        if f"{local}/callback" not in [uri.strip() for uri in callbacks.split(",")]:
+            callbacks = env["SPOTIFY_CLIENT_CALLBACK_URL"] = ",".join(filter(None, [callbacks, f"{local}/callback"]))
     else:
         # Real credentials: ask Spotify before serving (what `flask --app app check` does), say what it found,
-        # and tell the page (TOKENSWAP_CREDENTIALS_CHECKED). A failed check is said, and the service still starts.
+        # and tell the page (TOKENSWAP_CREDENTIALS_CHECKED, TOKENSWAP_CHECK_FAILED). A failed check is said
+        # first and last, and the service still starts.
         print("Checking this deployment before serving (.venv/bin/flask --app app check):", flush=True)
         variables = {**{name: value for name, value in dotenv.items() if value is not None}, **os.environ}
-        passed = check.report(variables, lambda line: print("  " + line, flush=True))
-        env["TOKENSWAP_CREDENTIALS_CHECKED"] = "accepted" if passed else "failed"
 
-    local = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
-    callbacks = [uri.strip() for uri in setting("SPOTIFY_CLIENT_CALLBACK_URL", dotenv).split(",")]
+        def echo(line: str) -> None:
+            print("  " + line, flush=True)
+            if line.startswith(check.FAIL):
+                failures.append(line[len(check.FAIL):].strip())
+
+        passed = check.report(variables, echo)
+        env["TOKENSWAP_CREDENTIALS_CHECKED"] = "accepted" if passed else "failed"
+        env["TOKENSWAP_CHECK_FAILED"] = "\n".join(failures)
+        for name, spotify in (("SPOTIFY_ACCOUNTS_URL", Config.accounts_url), ("SPOTIFY_API_URL", Config.api_url)):
+            value = setting(name, dotenv)
+            if value and value.rstrip("/") != spotify:
+                elsewhere.append(f"{name}={redacted_url(value)}")
+
     # A session of its own: a terminal's Ctrl-C (SIGINT to its whole foreground process group) would
     # otherwise reach the master and each worker at once, and a worker stopped both by the terminal and
     # by its master prints a traceback. Only this process gets it, and passes one stop on.
@@ -182,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if wait_until_up(local, server, timeout=60) and not stops:
             print(banner(args.host, args.port, stand_in, lan_address() if args.host == "0.0.0.0" else None,
-                         f"{local}/callback" in callbacks), flush=True)
+                         f"{local}/callback" in [uri.strip() for uri in callbacks.split(",")], failures, elsewhere), flush=True)
         code = server.wait()
         # Stopped as asked: a clean end for make, not "Error 1".
         return 0 if stops and code == 0 else code

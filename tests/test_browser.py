@@ -238,11 +238,23 @@ def test_a_callback_this_tab_did_not_start_is_refused(tab, service, fake):
     assert tab.problems() == []
 
 
-def test_refused_credentials_show_their_hint(tab, fake):
+def test_refused_credentials_show_their_hint(tab, browser, fake):
     port = free_port()
+    # As make run starts it after its check failed: the failure is the first thing a phone's first screen says.
+    failed = f"Spotify refuses the credentials at {fake.url}/api/token (...): check SPOTIFY_CLIENT_SECRET"
     env = server_env(fake.url, SPOTIFY_API_URL=fake.url, SPOTIFY_CLIENT_SECRET="not-the-secret",
-                     SPOTIFY_CLIENT_CALLBACK_URL=f"http://127.0.0.1:{port}/callback")
+                     SPOTIFY_CLIENT_CALLBACK_URL=f"http://127.0.0.1:{port}/callback",
+                     TOKENSWAP_CREDENTIALS_CHECKED="failed", TOKENSWAP_CHECK_FAILED=failed)
     with Server(env, port=port, extra_args="--workers 1") as wrong_secret:
+        phone = Watched(browser, **SIZES["phone"])
+        try:
+            phone.page.goto(wrong_secret.url + "/")
+            expect(phone.page.locator("#status")).to_be_in_viewport(ratio=1)
+            expect(phone.page.locator("#status")).to_contain_text("The check failed")
+            expect(phone.page.locator("#status")).to_contain_text("check SPOTIFY_CLIENT_SECRET")
+            expect(phone.page.get_by_text("Up and running")).to_have_count(0)  # no green line over it
+        finally:
+            phone.context.close()
         start_login(tab, wrong_secret, fake)
         tab.page.get_by_role("button", name="Agree").click()
         # The service's own credentials: its problem (a 5xx), and the hint says which settings to check.

@@ -130,6 +130,21 @@ def test_a_venv_whose_python_is_gone_is_made_again(checkout):
     assert f"run.py on Python {version_of(sys.executable)}" in done.stdout
 
 
+def test_port_from_the_environment_or_the_command_line_is_the_same_and_host_only_from_the_command_line(checkout):
+    def run_line(*args: str, **environ: str) -> str:
+        env = {**os.environ, **environ}
+        env.pop("MAKEFLAGS", None)
+        out = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(checkout), "run", *args],
+                             capture_output=True, text=True, env=env, timeout=60).stdout
+        return next(line for line in out.splitlines() if "run.py" in line)
+
+    assert run_line(PORT="").endswith("--host 127.0.0.1 --port 1234")
+    assert run_line(PORT="8000").endswith("--port 8000") and run_line("PORT=8000").endswith("--port 8000")
+    assert run_line("PORT=8001", PORT="8000").endswith("--port 8001")  # the command line wins
+    assert "--host 127.0.0.1 " in run_line(HOST="my-laptop.local")  # zsh's HOST is the machine's name
+    assert "--host 0.0.0.0 " in run_line("HOST=0.0.0.0")
+
+
 def test_the_python_version_is_stated_alike_in_pyproject_and_the_readme():
     minimum = ".".join(map(str, MIN_PYTHON))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import page
 from crypto import key_id
 from tests.helpers import BASE_CONFIG, SECRET, app_for
 from devtools.fake_accounts import CLIENT_SECRET
@@ -74,11 +75,11 @@ def test_login_test_is_offered_when_this_origins_callback_is_allowed():
 
 
 def test_without_an_allowed_callback_the_page_says_which_uri_to_add_and_where():
-    html = page_client().get("/").get_data(as_text=True)
+    html = page_client().get("/", base_url="http://127.0.0.1:1234").get_data(as_text=True)
     assert 'id="login-button"' not in html
     missing = re.search(r'id="callback-missing".*?</div>', html, re.S).group(0)
     # <wbr> where the URI may wrap on a phone, nothing else.
-    assert f'<code id="missing-uri">{PAGE_CALLBACK}</code>' in missing.replace("<wbr>", "")
+    assert '<code id="missing-uri">http://127.0.0.1:1234/callback</code>' in missing.replace("<wbr>", "")
     assert "Spotify developer dashboard" in missing and "https://developer.spotify.com/dashboard" in missing
     assert "SPOTIFY_CLIENT_CALLBACK_URL" in missing
 
@@ -89,6 +90,26 @@ def test_on_localhost_the_page_points_to_the_allowed_loopback_address():
     ).get_data(as_text=True)
     assert 'id="login-button"' not in html
     assert '<a href="http://127.0.0.1:1234/">' in html
+
+
+def test_the_page_never_advises_a_redirect_uri_spotify_refuses():
+    """Spotify takes http redirect URIs on loopback address literals only, never localhost."""
+    at_localhost = page_client(SPOTIFY_CLIENT_CALLBACK_URL="myapp://cb").get("/", base_url="http://localhost:8000")
+    html = at_localhost.get_data(as_text=True).replace("<wbr>", "")
+    assert '<code id="missing-uri">http://127.0.0.1:8000/callback</code>' in html
+    assert '<a href="http://127.0.0.1:8000/">' in html and "localhost:8000/callback" not in html
+    # localhost allowed (a stand-in takes it): the login runs, and the hint says Spotify itself refuses it.
+    allowed = page_client(SPOTIFY_CLIENT_CALLBACK_URL=f"myapp://cb,{PAGE_CALLBACK}").get("/").get_data(as_text=True)
+    assert 'id="login-button"' in allowed
+    assert "If Spotify answers" not in allowed and "Spotify itself refuses" in allowed
+    # Plain http on a network address: nothing to add would work; https or 127.0.0.1 would.
+    lan = page_client().get("/", base_url="http://192.168.1.20:1234").get_data(as_text=True).replace("<wbr>", "")
+    assert 'id="missing-uri"' not in lan and "192.168.1.20:1234/callback" not in lan
+    assert "only on loopback addresses" in lan
+    assert [page.spotify_takes(uri) for uri in ("https://a.example/cb", "http://127.0.0.1:1234/callback",
+                                                "http://[::1]:1234/callback", "http://localhost:1234/callback",
+                                                "http://192.168.1.20:1234/callback")] == [True, True, True, False,
+                                                                                          False]
 
 
 def test_behind_a_trusted_proxy_the_page_uses_the_address_the_browser_sees():
@@ -102,6 +123,14 @@ def test_a_stand_in_for_spotify_is_said_plainly():
     stand_in = page_client(SPOTIFY_ACCOUNTS_URL="http://127.0.0.1:4321", SPOTIFY_API_URL="http://127.0.0.1:4321")
     html = stand_in.get("/").get_data(as_text=True)
     assert 'id="stand-in"' in html and "Not Spotify" in html and "<code>http://127.0.0.1:4321</code>" in html
+    # Why, as make run says it: no credentials in .env, so it started the stand-in.
+    started = page_client(SPOTIFY_ACCOUNTS_URL="http://127.0.0.1:4321", TOKENSWAP_CREDENTIALS_CHECKED="stand-in")
+    assert "has no <code>SPOTIFY_CLIENT_ID</code>" in started.get("/").get_data(as_text=True)
+    # Credentials in .env with a local SPOTIFY_ACCOUNTS_URL: neither "no credentials" nor "Spotify accepts".
+    checked = page_client(SPOTIFY_ACCOUNTS_URL="http://127.0.0.1:4321", TOKENSWAP_CREDENTIALS_CHECKED="accepted")
+    html = checked.get("/").get_data(as_text=True)
+    assert "with the credentials in <code>.env</code>" in html and "the accounts service at" in html
+    assert "has no" not in html and "Spotify accepts" not in html
     spotify = page_client(SPOTIFY_ACCOUNTS_URL="https://accounts.spotify.com")
     assert 'id="stand-in"' not in spotify.get("/").get_data(as_text=True)
 
@@ -126,9 +155,10 @@ def test_page_has_no_inline_script_or_style():
     assert not re.search(r"<[^>]+\son[a-z]+=", html), "inline event handler"
     assert not re.search(r"<[^>]+\sstyle=", html), "inline style"
     assert "<style" not in html
-    # Nothing from another host: every src and href of the page's own is a path.
+    # Nothing from another host: every src and href of the page's own is a path (or a link: the dashboard, and
+    # this page at 127.0.0.1, as the test client's localhost is for Spotify).
     for url in re.findall(r'(?:src|href)="([^"]+)"', html):
-        assert url.startswith("/") or url == "https://developer.spotify.com/dashboard", url
+        assert url.startswith("/") or url in ("https://developer.spotify.com/dashboard", "http://127.0.0.1/"), url
 
 
 def test_the_api_and_its_errors_are_unchanged():
@@ -206,13 +236,22 @@ def test_credentials_in_the_spotify_urls_never_reach_the_page():
 
 
 @pytest.mark.parametrize("checked, says", [
-    ("accepted", "Credentials checked."),
+    ("accepted", "Spotify accepts"),
     ("failed", "The check failed."),
     ("", "Credentials not checked here."),
 ])
 def test_the_page_says_whether_make_run_checked_the_credentials(checked, says):
     # Real credentials (Spotify's own accounts URL): no stand-in notice, so the check's result shows.
+    failed = "Spotify refuses the credentials at https://accounts.spotify.com/api/token (...): check SPOTIFY_CLIENT_ID"
     page = page_client(SPOTIFY_ACCOUNTS_URL="https://accounts.spotify.com", SPOTIFY_API_URL="https://api.spotify.com",
-                       TOKENSWAP_CREDENTIALS_CHECKED=checked).get("/").get_data(as_text=True)
+                       TOKENSWAP_CREDENTIALS_CHECKED=checked,
+                       TOKENSWAP_CHECK_FAILED=failed if checked == "failed" else "").get("/").get_data(as_text=True)
     assert says in page
     assert 'id="stand-in"' not in page
+    # What make run found comes first, before what the service is; a failure names what to change, in place
+    # of "Up and running."
+    assert page.index(says) < page.index("token swap and refresh service")
+    assert ("Up and running" in page) == (checked != "failed")
+    if checked == "failed":
+        status = re.search(r'id="status".*?</div>', page, re.S).group(0).replace("<wbr>", "")
+        assert failed in status

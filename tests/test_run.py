@@ -82,6 +82,18 @@ def test_banner_says_plainly_when_a_stand_in_plays_spotify_and_what_the_page_nee
     assert "every interface" not in text
 
 
+def test_a_failed_check_is_the_first_and_the_last_thing_the_banner_says():
+    failed = "Spotify refuses the credentials at https://accounts.spotify.com/api/token (...): check SPOTIFY_CLIENT_SECRET"
+    lines = run.banner("127.0.0.1", 1234, None, None, True, [failed]).strip().splitlines()
+    assert lines[0].startswith("THE CHECK FAILED") and lines[1].strip() == failed
+    assert "THE CHECK FAILED" in lines[-1] and "Using Spotify" not in "\n".join(lines)
+    # Credentials with a SPOTIFY_ACCOUNTS_URL of another service: not "Using Spotify" either.
+    elsewhere = run.banner("127.0.0.1", 1234, None, None, True, elsewhere=["SPOTIFY_ACCOUNTS_URL=http://127.0.0.1:9"])
+    assert "Using Spotify" not in elsewhere and "Not Spotify: the credentials in .env, with SPOTIFY_ACCOUNTS_URL" in elsewhere
+    # What the iOS SDK's demo projects really use (docs/clients.md): localhost, not 127.0.0.1.
+    assert "demo projects use http://localhost:1234/swap" in elsewhere
+
+
 def test_from_a_fresh_copy_it_serves_against_the_stand_in(tmp_path):
     """No .env: one is written, the stand-in plays Spotify, an iOS-SDK-style swap and a refresh work."""
     directory = copy_of_the_service(tmp_path)
@@ -92,8 +104,10 @@ def test_from_a_fresh_copy_it_serves_against_the_stand_in(tmp_path):
         assert (directory / ".env").exists()
         page = requests.get(url + "/", headers=CLOSE, timeout=10)
         assert page.status_code == 200 and 'id="stand-in"' in page.text
+        # On any port (not 1234 here), the stand-in takes the page's own /callback: the login test is there.
+        assert f'data-redirect-uri="{url}/callback"' in page.text
         assert "test-client-id" in page.text  # the stand-in's client
-        stand_in = re.search(r"token requests to\s*<code>([^<]+)</code>", page.text).group(1)
+        stand_in = re.search(r'data-accounts-url="([^"]+)"', page.text).group(1)
         assert stand_in.startswith("http://127.0.0.1:") and stand_in != url
         # A login as the iOS SDK makes it (no PKCE, its demo app's redirect URI), then its swap: code alone.
         login = requests.get(stand_in + "/authorize", allow_redirects=False, timeout=10, params={
@@ -136,6 +150,12 @@ def test_with_credentials_in_dotenv_it_checks_them_before_serving_and_the_page_s
     assert console.index(says) < console.index("The token swap service is running")
     assert page_says in page
     assert secret not in console
+    # The stand-in at SPOTIFY_ACCOUNTS_URL: the credentials in .env, but not Spotify, and said so.
+    assert "Using Spotify" not in console and "Not Spotify: the credentials in .env, with SPOTIFY_ACCOUNTS_URL=" in console
+    if "FAIL" in says:  # first in the banner, and named on the page in place of "Up and running."
+        banner = console[console.index("THE CHECK FAILED"):]
+        assert banner.index("check SPOTIFY_CLIENT_SECRET") < banner.index("The token swap service is running")
+        assert "check SPOTIFY_CLIENT_SECRET" in page and "Up and running" not in page
 
 
 # -- stopping, and a port already taken --------------------------------------------------------
