@@ -136,7 +136,7 @@ def test_port_from_the_environment_or_the_command_line_is_the_same_and_host_only
         env.pop("MAKEFLAGS", None)
         out = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(checkout), "run", *args],
                              capture_output=True, text=True, env=env, timeout=60).stdout
-        return next(line for line in out.splitlines() if "run.py" in line)
+        return next(line for line in out.splitlines() if "devtools.run" in line)
 
     assert run_line(PORT="").endswith("--host 127.0.0.1 --port 1234")
     assert run_line(PORT="8000").endswith("--port 8000") and run_line("PORT=8000").endswith("--port 8000")
