@@ -218,9 +218,8 @@ def _swap(svc: Resources, data: Mapping[str, Any]) -> dict[str, Any]:
     verifier = _field(data, "code_verifier", required=False)
     if verifier is not None and not _CODE_VERIFIER.fullmatch(verifier):
         raise OAuthError(400, "invalid_request", "'code_verifier' must be 43-128 characters (RFC 7636)")
-    ratelimit.admit()
     try:
-        tokens = svc.spotify.exchange_code(code, redirect_uri, verifier)
+        tokens = svc.spotify.exchange_code(code, redirect_uri, verifier, admit=ratelimit.admit)
     except spotify.Denied as err:
         if err.answer.get("error") == "invalid_grant" and "redirect uri" in err.description.lower():
             current_app.logger.warning(
@@ -246,8 +245,7 @@ def _refresh(svc: Resources, data: Mapping[str, Any], *, code_is_token: bool) ->
     if opened is None:
         raise OAuthError(400, "invalid_grant", "Invalid refresh token")
     metrics.count_opened(opened.key)  # key usage, for key rotation
-    ratelimit.admit(opened.refresh_token)
-    tokens = svc.spotify.refresh(opened.refresh_token)
+    tokens = svc.spotify.refresh(opened.refresh_token, admit=lambda: ratelimit.admit(opened.refresh_token))
     # A refresh answer carries a refresh token, so a client that stores what it receives never
     # loses it: Spotify's new one, or the one sent (moved to the newest key if need be).
     kept = svc.sealer.seal(opened.refresh_token) if opened.needs_reseal else token
@@ -258,8 +256,13 @@ def _app_token(svc: Resources) -> dict[str, Any]:
     """An app-only token: the one this process holds while it is fresh, else a new one from Spotify."""
 
     def fetch() -> dict[str, Any]:
-        ratelimit.admit()
-        return svc.spotify.client_credentials()
+        try:
+            return svc.spotify.client_credentials(admit=ratelimit.admit)
+        except spotify.Denied as err:
+            if isinstance(err, spotify.CredentialsRefused):
+                raise
+            # No client's code or token was in it: not the client's mistake, and not charged to it.
+            raise spotify.BadAnswer("Spotify refused to issue an app-only token") from None
 
     return svc.app_tokens.get(fetch)
 

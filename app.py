@@ -7,6 +7,7 @@ from flask import Flask, Response
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import api
+import brake
 import commands
 import cors
 import errors
@@ -33,7 +34,8 @@ def create_app(config: Config | None = None) -> Flask:
                 return app  # gen-secret and check need no configuration: check reports this one
             raise click.ClickException(str(err)) if click.get_current_context(silent=True) else err
     logs.init_app(app)
-    resources.init_app(app, config, observer=metrics.init_app(app, config, api.ENDPOINT_GRANTS))
+    resources.init_app(app, config, observer=metrics.init_app(app, config, api.ENDPOINT_GRANTS),
+                       gate=brake.init_app(app, config))
     app.register_blueprint(api.bp)
     page.init_app(app)
     errors.init_app(app)

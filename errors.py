@@ -103,6 +103,16 @@ def from_spotify(err: spotify.SpotifyError) -> OAuthError:
         return OAuthError(500, "server_error", "The token service is misconfigured; retry later")
     if isinstance(err, spotify.Denied):  # the code or token was refused: the client's to know
         return OAuthError(err.status, body=err.answer)
+    if isinstance(err, spotify.Braked):
+        if isinstance(err.cause, spotify.CredentialsRefused):  # what it is, and when to ask again
+            refused = from_spotify(err.cause)
+            return OAuthError(refused.status, body=refused.body, headers={"Retry-After": str(err.retry_after)})
+        said = "rate limiting this app" if err.status == 429 else "not answering well"
+        return OAuthError(
+            err.status, "temporarily_unavailable",
+            f"Spotify is {said}: no call goes to it for {err.retry_after} seconds; retry after that",
+            headers={"Retry-After": str(err.retry_after)},
+        )
     if isinstance(err, spotify.RateLimited):
         headers = {"Retry-After": err.retry_after} if err.retry_after is not None else {}
         if err.answer is not None:

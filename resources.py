@@ -20,7 +20,7 @@ class Resources:
     """The configuration and the objects built from it, shared by every request of one process."""
 
     def __init__(self, config: Config, observer: spotify.Observer | None = None,
-                 logger: logging.Logger | None = None):
+                 logger: logging.Logger | None = None, gate: spotify.Gate | None = None):
         self.config = config
         self.sealer = TokenSealer(config.encryption_secrets, config.client_id, config.legacy_secret)
         self.spotify = spotify.AccountsClient(
@@ -33,6 +33,7 @@ class Resources:
             pool_size=connections_per_worker(),
             observer=observer,  # metrics of each call, when they are on
             logger=logger,  # where a WARNING says why Spotify could not be reached
+            gate=gate,  # the brake every call passes first
         )
         self.app_tokens = AppTokens()
 
@@ -76,9 +77,11 @@ class AppTokens:
             return {**self._token, "expires_in": max(0, left)}
 
 
-def init_app(app: Flask, config: Config, observer: spotify.Observer | None = None) -> None:
-    """Build the resources of this app from `config`; `observer` sees every call to Spotify."""
-    app.extensions["tokenswap"] = Resources(config, observer, app.logger)
+def init_app(
+    app: Flask, config: Config, observer: spotify.Observer | None = None, gate: spotify.Gate | None = None
+) -> None:
+    """Build the resources of this app from `config`; `observer` sees every call to Spotify, `gate` lets it go."""
+    app.extensions["tokenswap"] = Resources(config, observer, app.logger, gate)
 
 
 def resources() -> Resources:

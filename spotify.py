@@ -12,7 +12,7 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -64,6 +64,18 @@ class RateLimited(SpotifyError):
         self.retry_after = retry_after
         self.answer = answer
         super().__init__("429")
+
+
+class Braked(SpotifyError):
+    """Not sent: Spotify asked the service to wait, or answers badly, and the brake holds every call until
+    then. `retry_after` in whole seconds; `status` what the client is told, 429 (Spotify rate-limits the
+    app) or 503; `cause` the answer that engaged the brake, when this process saw it."""
+
+    def __init__(self, retry_after: int, status: int, cause: SpotifyError | None = None):
+        self.retry_after = retry_after
+        self.status = status
+        self.cause = cause
+        super().__init__(f"held for {retry_after} s")
 
 
 # Why Spotify could not be reached, as the log and `flask --app app check` say it.
@@ -137,7 +149,26 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
 
 
 class BadAnswer(SpotifyError):
-    """Spotify answered something that is no token answer nor an OAuth error."""
+    """Spotify answered something that is no token answer nor an OAuth error: `status` its HTTP status
+    (None: no whole answer), `retry_after` the whole seconds its Retry-After said, if any."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: str | None = None):
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class Gate(Protocol):
+    """Asked before every call to Spotify, told of its end (brake.Brake is one)."""
+
+    def check(self) -> None:
+        """Raise Braked when no call may go to Spotify now."""
+
+    def answered(self, grant: str, err: SpotifyError | None) -> None:
+        """The call went to Spotify: `err` is what went wrong, None if it gave tokens."""
+
+    def abandoned(self) -> None:
+        """The call the gate let through was not sent after all, or its end is unknown."""
 
 
 class AccountsClient:
@@ -154,10 +185,12 @@ class AccountsClient:
         observer: Observer | None = None,
         logger: logging.Logger | None = None,
         throttle: Throttle | None = None,
+        gate: Gate | None = None,
     ):
         self.token_url = accounts_url.rstrip("/") + "/api/token"
         self.timeout = timeout
         self.observer = observer
+        self.gate = gate  # the brake every call passes first
         # Where a WARNING names why Spotify could not be reached (the app's logger); None: not logged.
         self._logger = logger
         # Each cause of failure is logged at most once a minute (per worker: one client per process).
@@ -186,28 +219,51 @@ class AccountsClient:
             "timeout": timeout, "verify": settings["verify"], "proxies": settings["proxies"],
         }
 
+    # `admit`, where a method takes it, runs once the gate lets the call go and before it is sent: the
+    # app's own limits, so that a call the brake holds spends none of a client's budgets.
+
     def exchange_code(
-        self, code: str, redirect_uri: str, code_verifier: str | None = None
+        self, code: str, redirect_uri: str, code_verifier: str | None = None, *, admit: Admit = None
     ) -> dict[str, Any]:
         """Trade an authorization code for tokens (grant_type=authorization_code)."""
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
         if code_verifier is not None:
             form["code_verifier"] = code_verifier
-        return self._post(form)
+        return self._post(form, admit)
 
-    def refresh(self, refresh_token: str) -> dict[str, Any]:
+    def refresh(self, refresh_token: str, *, admit: Admit = None) -> dict[str, Any]:
         """Trade a (raw) Spotify refresh token for a new access token (grant_type=refresh_token)."""
-        return self._post({"grant_type": "refresh_token", "refresh_token": refresh_token})
+        return self._post({"grant_type": "refresh_token", "refresh_token": refresh_token}, admit)
 
-    def client_credentials(self) -> dict[str, Any]:
+    def client_credentials(self, *, admit: Admit = None) -> dict[str, Any]:
         """An app-only token (grant_type=client_credentials): proves Spotify accepts the client id and secret."""
-        return self._post({"grant_type": "client_credentials"})
+        return self._post({"grant_type": "client_credentials"}, admit)
 
     def close(self) -> None:
         """Close pooled connections."""
         self._session.close()
 
-    def _post(self, form: dict[str, str]) -> dict[str, Any]:
+    def _post(self, form: dict[str, str], admit: Admit) -> dict[str, Any]:
+        gate = self.gate
+        if gate is None:
+            if admit is not None:
+                admit()
+            return self._observed(form)
+        gate.check()
+        try:
+            if admit is not None:
+                admit()
+            tokens = self._observed(form)
+        except SpotifyError as err:
+            gate.answered(form["grant_type"], err)
+            raise
+        except BaseException:  # refused by the app's limits, or the greenlet killed: never answered
+            gate.abandoned()
+            raise
+        gate.answered(form["grant_type"], None)
+        return tokens
+
+    def _observed(self, form: dict[str, str]) -> dict[str, Any]:
         grant, observer = form["grant_type"], self.observer
         if observer is None:
             return self._call(form)
@@ -230,6 +286,19 @@ class AccountsClient:
         except (Unreachable, TimedOut) as err:
             self._warn(err.cause)
             raise
+        except RateLimited as err:
+            self._say("rate_limited", "Spotify refuses calls with 429 (it rate-limits this app%s) at %s",
+                      f"; Retry-After {err.retry_after} s" if err.retry_after is not None else "",
+                      redacted_url(self.token_url))
+            raise
+        except BadAnswer as err:
+            cause = "unreadable" if err.status is None or err.status < 500 else "server_error"
+            self._say(cause, "%s (at %s)", err, redacted_url(self.token_url))
+            raise
+
+    def _say(self, cause: str, message: str, *args: object) -> None:
+        if self._logger is not None and self._throttle.allows(cause):
+            self._logger.warning(message + " (logged at most once a minute per worker and cause)", *args)
 
     def _warn(self, cause: str) -> None:
         if self._logger is None or not self._throttle.allows(cause):
@@ -271,6 +340,9 @@ def _outcome(err: SpotifyError) -> str:
     if isinstance(err, TimedOut):
         return "timeout"
     return "bad_answer"
+
+
+Admit = Callable[[], None] | None
 
 
 class _WholeCallTimeout(Exception):
@@ -349,11 +421,11 @@ def _read_answer(response: requests.Response) -> dict[str, Any]:
 
     if status == 200:
         if body is None or not isinstance(body.get("access_token"), str) or not body["access_token"]:
-            raise BadAnswer("Spotify's answer had no access token")
+            raise BadAnswer("Spotify's answer had no access token", status)
         if "expires_in" in body:
             expires_in = _seconds(body["expires_in"])
             if expires_in is None:
-                raise BadAnswer("Spotify's answer had no valid expires_in")
+                raise BadAnswer("Spotify's answer had no valid expires_in", status)
             body["expires_in"] = expires_in
         return body
     error = body if body is not None and isinstance(body.get("error"), str) else None
@@ -363,4 +435,4 @@ def _read_answer(response: requests.Response) -> dict[str, Any]:
         if error["error"] in CredentialsRefused.ERRORS:
             raise CredentialsRefused(status, error)
         raise Denied(status, error)
-    raise BadAnswer(f"Spotify answered with HTTP {status}")
+    raise BadAnswer(f"Spotify answered with HTTP {status}", status, _retry_after(response.headers.get("Retry-After")))

@@ -11,13 +11,14 @@ the login and the Web API (`make run` offers it when .env has no Spotify credent
     GET /v1/me      {"display_name": ...} for an access token it issued (Bearer), with CORS.
  A fault is chosen per
 request by the authorization code or refresh token it receives (so concurrent tests do not
-interfere), or for every request by `fault`:
+interfere), or for every request, app-only tokens (client credentials) included, by `fault`:
 
     fault-500       500 with an HTML body          fault-html      200 with an HTML body
     fault-429       429 with Retry-After: 7        fault-noaccess  200 JSON without access_token
     fault-reset     connection reset, no answer    fault-timeout   no answer for 60 seconds
     fault-slow      answer after 1 second          invalid-...     400 {"error": "invalid_grant"}
     fault-slow-N    answer after N seconds (e.g. fault-slow-3, fault-slow-0.5)
+    fault-429-N     429 with Retry-After: N    fault-400       400 {"error": "invalid_request"}
     fault-trickle   a 200 sent one byte every 0.3 seconds: each wait is short, the whole is not
     rotate-...      (refresh) answer carries a new refresh token "rotated-..."
 
@@ -193,6 +194,8 @@ class FakeAccounts:
             return 400, {}, json.dumps({"error": "invalid_client", "error_description": refused}).encode()
 
         grant = form.get("grant_type")
+        if self.fault and faults:
+            return self.fault
         if grant == "client_credentials":
             return 200, {}, json.dumps({"access_token": f"app-{self.served}", "token_type": "Bearer", "expires_in": 3600}).encode()
         subject = form.get("code") if grant == "authorization_code" else form.get("refresh_token")
@@ -306,6 +309,7 @@ def _refused_credentials(authorization: str) -> str | None:
 _FAULT_ANSWERS = {
     "fault-500": (500, {"Content-Type": "text/html"}, b"<html><body>Internal error</body></html>"),
     "fault-429": (429, {"Retry-After": "7"}, b""),
+    "fault-400": (400, {}, b'{"error": "invalid_request", "error_description": "Invalid request"}'),
     "fault-html": (200, {"Content-Type": "text/html"}, b"<html>hello</html>"),
     "fault-noaccess": (200, {}, b'{"token_type": "Bearer", "expires_in": 3600}'),
 }
@@ -380,6 +384,8 @@ class _Connection(asyncio.Protocol):
                 if answer.startswith("fault-slow"):
                     await asyncio.sleep(_slow_seconds(answer))
                     answer = self.fake.answer(method, path, headers, body, faults=False)
+                elif answer.startswith("fault-429-"):
+                    answer = (429, {"Retry-After": answer[len("fault-429-"):]}, b"")
                 else:
                     answer = _FAULT_ANSWERS[answer]
             self.transport.write(_http_answer(*answer))
