@@ -39,7 +39,7 @@ def tool(name: str) -> str:
 def test_promtool_accepts_the_rules():
     result = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_each_alert_fires_on_its_series_and_not_before():
