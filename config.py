@@ -308,6 +308,6 @@ def longest_request_seconds(config: Config) -> float:
     """The longest a request the service admitted can take, once its headers have arrived: its body
     (BODY_TIMEOUT), then its wait for a turn in its client's queue of calls to Spotify (the rate
     limits wait up to SPOTIFY_TIMEOUT), then the call to Spotify (SPOTIFY_TIMEOUT). gunicorn.conf.py
-    gives a stop this long plus STOP_MARGIN, so that no admitted request is killed by a stop."""
+    gives a stop this long plus STOP_MARGIN (server.stop_seconds), so that no admitted request is killed by a stop."""
     queue_wait = config.timeout
     return BODY_TIMEOUT + queue_wait + config.timeout

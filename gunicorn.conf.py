@@ -1,62 +1,35 @@
-"""gunicorn settings for the token swap service (read by the Procfile's and the Dockerfile's command)."""
+"""gunicorn settings for the token swap service (read by the Procfile's and the Dockerfile's command).
 
-import math
-import os
-import sys
-
-from dotenv import find_dotenv, load_dotenv
+Settings and hook names only: what they are computed with is server.py's (.env loaded and the configuration
+checked by server.start_config, which ends the start on a bad one, before a port is bound or a worker forked).
+"""
 
 import logs
 import server
-from config import STOP_MARGIN, ConfigError, load_config, longest_request_seconds
 
-# One configuration file for every way of starting: `flask run` reads .env (found from the working
-# directory up, by python-dotenv), so this does too, before the configuration is checked. A variable
-# already set in the environment, by the platform or the shell, wins over the file; set but empty
-# counts as set, as it does for `flask run`.
-_DOTENV = find_dotenv(usecwd=True)
-if _DOTENV:
-    load_dotenv(_DOTENV, override=False)
+service_config = server.start_config()
 
-# Refuse to start on a bad configuration, before binding a port or forking a worker.
-try:
-    service_config = load_config()
-except ConfigError as err:
-    print(f"{err}\nThe service did not start.", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-# Empty counts as unset, as for every variable the application reads.
-bind = f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
-# One process per core. A process's CPU, not waiting, is the limit, so a worker beyond the cores
-# adds only memory (measured in bench/README.md). Platforms size WEB_CONCURRENCY to the instance.
-try:
-    workers = int(os.environ.get("WEB_CONCURRENCY", "").strip() or "2")
-    if workers < 1:
-        raise ValueError
-except ValueError:
-    print(f"WEB_CONCURRENCY={os.environ['WEB_CONCURRENCY']!r} must be a whole number of worker "
-          "processes, 1 or more (default 2)\nThe service did not start.", file=sys.stderr, flush=True)
-    sys.exit(1)
-
+bind = server.bind_address()
+# One process per core (server.worker_count); platforms size WEB_CONCURRENCY to the instance.
+workers = server.worker_count()
 
 # Each request spends almost all its time waiting on Spotify: gevent workers keep up to
 # worker_connections of them waiting at once per process, at a few KB each, instead of a thread
 # or process apiece. The pool of connections to Spotify (resources.py) is as large, so each has one.
 # gthread workers pay a thread per waiting request and serve fewer (bench/README.md).
-# server.Worker is gunicorn's gevent worker that closes idle connections at once on a stop.
+# server.Worker is gunicorn's gevent worker whose stop loses no request: for DRAIN_SECONDS (3 s) its answers
+# close their connections, then it closes the idle ones; requests in progress finish (docs/operations.md).
 worker_class = "server.Worker"
-# Every connection a worker holds is an open file: the soft limit raised to the hard one, in the
-# master, before the workers inherit it.
-server.raise_open_file_limit()
 # A worker whose connections are all taken accepts no more: as many as the open-file limit allows
-# (two files each, the client's and its own to Spotify), so that a flood of idle ones leaves room.
-worker_connections = server.connections_per_worker()
+# (two files each, the client's and its own to Spotify), so that a flood of idle ones leaves room. The
+# soft limit is raised to the hard one first, in the master, before the workers inherit it.
+worker_connections = server.worker_connections()
 
-# A stop waits for the longest request the service may have admitted (config.longest_request_seconds:
-# body, queue wait and Spotify call; 30 s with the default SPOTIFY_TIMEOUT of 10) plus a margin, so no
-# admitted request is killed by a stop (docs/operations.md, "Stopping"). A gevent worker's heartbeat
-# does not wait on requests: `timeout` only catches a worker whose loop is stuck, and is never shorter.
-graceful_timeout = math.ceil(longest_request_seconds(service_config) + STOP_MARGIN)
+# A stop waits for the longest request the service may have admitted plus a margin (server.stop_seconds:
+# 35 s with the default SPOTIFY_TIMEOUT of 10), so no admitted request is killed by a stop (docs/operations.md,
+# "Stopping"). A gevent worker's heartbeat does not wait on requests: `timeout` only catches a worker whose
+# loop is stuck, and is never shorter.
+graceful_timeout = server.stop_seconds(service_config)
 timeout = graceful_timeout
 # How long an idle connection is kept, and, the same timer in gunicorn, how long a client may take
 # to send a request's headers. Longer than the idle timeout of the load balancers in front of the

@@ -1,4 +1,9 @@
-"""The server process: the gunicorn worker and logger classes that gunicorn.conf.py names.
+"""The server process: what gunicorn.conf.py computes its settings with, and the worker and logger classes
+and hooks it names.
+
+The start (`start_config`, `bind_address`, `worker_count`, `worker_connections`, `stop_seconds`): .env
+loaded, the configuration checked (a bad one ends the start, naming each variable), the open-file limit
+raised, before any port is bound or worker forked.
 
 `worker_class = "server.Worker"`: gunicorn's gevent worker, which also knows which of its connections are
 waiting for a request, so that a stop drains them (answers that close their connection), then closes the
@@ -11,15 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import re
 import resource
 import socket
-from collections.abc import MutableMapping
+import sys
+from collections.abc import Mapping, MutableMapping
 from datetime import timedelta
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import gevent
+from dotenv import dotenv_values, find_dotenv
 from greenlet import greenlet
 from gunicorn import glogging, util
 from gunicorn.workers.base import Worker as BaseWorker
@@ -28,7 +36,7 @@ from gunicorn.workers.ggevent import GeventWorker
 import logs
 import metrics
 import ratelimit
-from config import load_config
+from config import STOP_MARGIN, Config, ConfigError, load_config, longest_request_seconds
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
@@ -294,6 +302,73 @@ def connections_per_worker() -> int:
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS_PER_WORKER
     return max(1, min(MAX_CONNECTIONS_PER_WORKER, (soft - OTHER_OPEN_FILES) // 2))
+
+
+# -- the start (gunicorn.conf.py, in the master, before it binds or forks) --------------------------------
+
+
+def start_config(environ: MutableMapping[str, str] | None = None) -> Config:
+    """The configuration the server starts with, from `environ` (the process's) and .env; a bad one ends
+    the process with exit status 1 and every problem named, before a port is bound or a worker forked.
+
+    One configuration file for every way of starting: `flask run` reads .env (found from the working
+    directory up, by python-dotenv), so this does too. A variable already set in the environment, by the
+    platform or the shell, wins over the file; set but empty counts as set, as it does for `flask run`.
+    The workers inherit what the file adds.
+    """
+    env = os.environ if environ is None else environ
+    found = find_dotenv(usecwd=True)
+    if found:
+        for name, value in dotenv_values(found).items():
+            if name not in env and value is not None:
+                env[name] = value
+    try:
+        config = load_config(env)
+    except ConfigError as err:
+        _stop(f"{err}")
+    return config
+
+
+def bind_address(environ: Mapping[str, str] | None = None) -> str:
+    """Where gunicorn listens: every interface, on PORT (default 8000; empty counts as unset)."""
+    env = os.environ if environ is None else environ
+    return f"0.0.0.0:{env.get('PORT', '').strip() or '8000'}"
+
+
+def worker_count(environ: Mapping[str, str] | None = None) -> int:
+    """WEB_CONCURRENCY worker processes (default 2), or the start ends naming it.
+
+    One process per core. A process's CPU, not waiting, is the limit, so a worker beyond the cores adds
+    only memory (measured in bench/README.md). Platforms size WEB_CONCURRENCY to the instance.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        workers = int(env.get("WEB_CONCURRENCY", "").strip() or "2")
+        if workers < 1:
+            raise ValueError
+    except ValueError:
+        _stop(f"WEB_CONCURRENCY={env['WEB_CONCURRENCY']!r} must be a whole number of worker processes, "
+              "1 or more (default 2)")
+    return workers
+
+
+def stop_seconds(config: Config) -> int:
+    """gunicorn's graceful_timeout: the longest request the service may have admitted (body, queue wait
+    and Spotify call; 30 s with the default SPOTIFY_TIMEOUT of 10) plus STOP_MARGIN, whole seconds, so
+    that no admitted request is killed by a stop (docs/operations.md, "Stopping")."""
+    return math.ceil(longest_request_seconds(config) + STOP_MARGIN)
+
+
+def _stop(problem: str) -> NoReturn:
+    print(f"{problem}\nThe service did not start.", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def worker_connections() -> int:
+    """gunicorn's worker_connections, in the master: the soft open-file limit raised to the hard one
+    first (the workers inherit it), then as many connections as it allows (connections_per_worker)."""
+    raise_open_file_limit()
+    return connections_per_worker()
 
 
 def raise_open_file_limit() -> None:

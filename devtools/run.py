@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     stops = 0
 
     def stop(signum: int, frame: object) -> None:
-        # The first Ctrl-C or SIGTERM: gunicorn's graceful stop (idle connections close at once, requests
-        # finish); another Ctrl-C: its quick stop.
+        # The first Ctrl-C or SIGTERM: gunicorn's graceful stop (for 3 s answers close their connections, then
+        # the idle ones close; requests finish); another Ctrl-C: its quick stop.
         nonlocal stops
         stops += 1
         if server.poll() is None:

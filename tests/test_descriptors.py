@@ -211,12 +211,29 @@ def test_config_reads_exactly_the_listed_variables():
     assert environ.read == set(VARIABLES) | set(DEV_VARIABLES)
 
 
-def test_gunicorn_config_reads_exactly_the_server_variables(monkeypatch, tmp_path):
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_gunicorn_conf_is_settings_computed_by_server_and_reads_exactly_the_server_variables(
+        monkeypatch, tmp_path, log_format):
+    """gunicorn.conf.py as gunicorn reads it (the one place the file itself is run): its settings are
+    server.py's, its hooks server.py's, and it reads the application's variables and SERVER_VARIABLES."""
+    import logs
+    import server
+
     monkeypatch.chdir(tmp_path)  # away from a developer's .env, which would add its names
-    environ = _Recording({**os.environ, **DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
+    environ = _Recording({**os.environ, **DUMMIES, "ENCRYPTION_SECRET": generate_secret(), "LOG_FORMAT": log_format})
     monkeypatch.setattr(os, "environ", environ)
-    runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert environ.read - set(VARIABLES) - set(DEV_VARIABLES) == set(SERVER_VARIABLES)
+    config = load_config(environ)
+    assert (settings["bind"], settings["workers"]) == (server.bind_address(environ), server.worker_count(environ))
+    assert settings["graceful_timeout"] == settings["timeout"] == server.stop_seconds(config)
+    assert settings["worker_connections"] == server.connections_per_worker()
+    assert (settings["worker_class"], settings["logger_class"]) == ("server.Worker", "server.Logger")
+    assert settings["access_log_format"] == server.ACCESS_LOG_FORMAT
+    hooks = ("when_ready", "on_starting", "child_exit", "on_exit") + (("post_worker_init",) if log_format == "json" else ())
+    assert {name: settings[name] for name in hooks} == {name: getattr(server, name) for name in hooks}
+    assert ("post_worker_init" in settings, "logconfig_dict" in settings) == (log_format == "json",) * 2
+    assert settings.get("logconfig_dict", logs.json_logconfig()) == logs.json_logconfig()
 
 
 def test_app_json_names_exactly_the_variables():
@@ -385,13 +402,12 @@ def test_dockerfile_defaults_port_to_8080_and_bakes_in_no_setting():
     assert not set(env) & set(VARIABLES), "settings and secrets come from the platform, not the image"
 
 
-def test_gunicorn_config_binds_the_port_it_is_given(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # a developer's .env would leave its values in this process's environment
-    # The Dockerfile's PORT is only a default: the platform's PORT reaches gunicorn.conf.py.
-    for name, value in {**DUMMIES, "ENCRYPTION_SECRET": generate_secret(), "PORT": "9123"}.items():
-        monkeypatch.setenv(name, value)
-    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    assert settings["bind"] == "0.0.0.0:9123"
+def test_the_server_binds_the_port_it_is_given():
+    import server
+
+    # The Dockerfile's PORT is only a default: the platform's PORT reaches gunicorn.conf.py's bind.
+    assert server.bind_address({"PORT": "9123"}) == "0.0.0.0:9123"
+    assert server.bind_address({"PORT": " "}) == server.bind_address({}) == "0.0.0.0:8000"
 
 
 def test_dockerignore_keeps_secrets_and_tests_out_and_the_service_in():
@@ -743,7 +759,7 @@ def test_token_format_page_example_length_is_true():
     assert len(base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))) == size
 
 
-def test_the_access_line_is_the_one_gunicorns_own_atoms_make(monkeypatch, tmp_path):
+def test_the_access_line_is_the_one_gunicorns_own_atoms_make():
     """server.Logger computes only the six atoms gunicorn.conf.py's line shows: the line must be exactly
     what gunicorn's full atoms() would make of the same request, so an upgrade that changes an atom shows."""
     from datetime import timedelta
@@ -754,13 +770,8 @@ def test_the_access_line_is_the_one_gunicorns_own_atoms_make(monkeypatch, tmp_pa
 
     import server
 
-    monkeypatch.chdir(tmp_path)
-    for name, value in {**DUMMIES, "ENCRYPTION_SECRET": generate_secret()}.items():
-        monkeypatch.setenv(name, value)
-    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     cfg = GunicornConfig()
-    cfg.set("access_log_format", settings["access_log_format"])
-    assert settings["logger_class"] == "server.Logger"
+    cfg.set("access_log_format", server.ACCESS_LOG_FORMAT)
     ours, stock = server.Logger(cfg), glogging.Logger(cfg)
     cases = [
         ("203.0.113.9", "POST", "/refresh", "200 OK", 187, timedelta(microseconds=93_999)),

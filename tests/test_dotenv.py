@@ -4,13 +4,13 @@ command all read .env, values with ";" included, and the environment wins over t
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import requests
 
+import server
 from config import generate_secret
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, free_port, json_answer, web_command
@@ -19,23 +19,21 @@ from tests.helpers import bare_environment, copy_of_the_service, started
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
-# -- gunicorn.conf.py, as gunicorn reads it ------------------------------------------------------
+# -- server.start_config, what gunicorn.conf.py starts from ------------------------------------------------------
 
 
 @pytest.fixture
 def environ(monkeypatch, tmp_path) -> dict[str, str]:
     """The process environment gunicorn.conf.py will see, with only the platform's variables; cwd has a .env."""
-    values = {"PATH": os.environ["PATH"]}
-    monkeypatch.setattr(os, "environ", values)
     monkeypatch.chdir(tmp_path)
-    return values
+    return {"PATH": os.environ["PATH"]}
 
 
 def write_dotenv(directory: Path, text: str) -> None:
     (directory / ".env").write_text(text)
 
 
-def test_gunicorn_config_reads_dotenv_from_the_working_directory(environ, tmp_path):
+def test_the_server_reads_dotenv_from_the_working_directory(environ, tmp_path):
     secret = generate_secret()
     write_dotenv(tmp_path, f"""\
 # a comment
@@ -47,12 +45,12 @@ SPOTIFY_MAX_RATE=20/second;600/minute
 RATE_LIMIT_FAILURES="30/minute;100/hour"
 WEB_CONCURRENCY=3
 """)
-    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    assert settings["workers"] == 3
-    assert environ["ENCRYPTION_SECRET"] == secret
+    config = server.start_config(environ)
+    assert server.worker_count(environ) == 3
+    assert environ["ENCRYPTION_SECRET"] == secret and config.encryption_secrets == (secret,)
     # The whole value, ";" and what follows included, quoted or not.
-    assert environ["SPOTIFY_MAX_RATE"] == "20/second;600/minute"
-    assert environ["RATE_LIMIT_FAILURES"] == "30/minute;100/hour"
+    assert environ["SPOTIFY_MAX_RATE"] == config.spotify_max_rate == "20/second;600/minute"
+    assert environ["RATE_LIMIT_FAILURES"] == config.rate_limit_failures == "30/minute;100/hour"
 
 
 def test_the_environment_wins_over_dotenv_even_when_empty(environ, tmp_path):
@@ -64,23 +62,29 @@ ENCRYPTION_SECRET={generate_secret()}
 CORS_ORIGINS=https://from-the-file.example
 """)
     environ.update(SPOTIFY_CLIENT_SECRET="from-the-platform", CORS_ORIGINS="")
-    runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    assert environ["SPOTIFY_CLIENT_SECRET"] == "from-the-platform"
-    assert environ["CORS_ORIGINS"] == ""  # set, though empty: as `flask run` has it
+    config = server.start_config(environ)
+    assert environ["SPOTIFY_CLIENT_SECRET"] == config.client_secret == "from-the-platform"
+    assert environ["CORS_ORIGINS"] == "" and config.cors_origins == ()  # set, though empty: as `flask run` has it
 
 
-def test_gunicorn_config_still_refuses_a_bad_configuration_from_dotenv(environ, tmp_path, capsys):
+def test_the_server_still_refuses_a_bad_configuration_from_dotenv(environ, tmp_path, capsys):
     write_dotenv(tmp_path, "SPOTIFY_CLIENT_ID=x\nSPOTIFY_CLIENT_SECRET=y\nSPOTIFY_CLIENT_CALLBACK_URL=myapp://cb\n")
     with pytest.raises(SystemExit) as stopped:
-        runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+        server.start_config(environ)
     assert stopped.value.code == 1
     assert "ENCRYPTION_SECRET is not set" in capsys.readouterr().err
 
 
 def test_without_dotenv_only_the_environment_counts(environ):
     with pytest.raises(SystemExit):
-        runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+        server.start_config(environ)
     assert "SPOTIFY_CLIENT_ID" not in environ
+
+
+def test_a_bad_web_concurrency_stops_the_start_naming_it(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        server.worker_count({"WEB_CONCURRENCY": "0"})
+    assert stopped.value.code == 1 and "WEB_CONCURRENCY='0' must be a whole number" in capsys.readouterr().err
 
 
 # -- the three commands, end to end --------------------------------------------------------------

@@ -185,22 +185,6 @@ def test_print_as_json_routes_gevents_reports_and_pythons_warnings_into_logging(
     assert "a library's warning" in caplog.records[0].getMessage()
 
 
-def test_under_log_format_json_each_worker_routes_what_gevent_prints(monkeypatch, tmp_path):
-    import runpy
-
-    import server
-    from devtools.process import ROOT
-    from tests.helpers import BASE_CONFIG
-
-    monkeypatch.chdir(tmp_path)  # no developer's .env
-    for name, value in BASE_CONFIG.items():
-        monkeypatch.setenv(name, value)
-    assert "post_worker_init" not in runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    monkeypatch.setenv("LOG_FORMAT", "json")
-    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    assert settings["post_worker_init"] is server.post_worker_init
-
-
 # -- the real server -----------------------------------------------------------------------------
 
 

@@ -139,8 +139,8 @@ def test_a_rolling_restart_of_three_instances_under_load_loses_no_request(shared
 
 
 def test_the_systemd_template_unit_runs_the_procfiles_command_on_its_port_and_waits_out_a_stop(monkeypatch, tmp_path):
-    import runpy
-
+    import server
+    from config import load_config
     from devtools.process import ROOT, web_command
     from tests.helpers import BASE_CONFIG
 
@@ -149,7 +149,4 @@ def test_the_systemd_template_unit_runs_the_procfiles_command_on_its_port_and_wa
     assert unit["ExecStart"] == "/opt/spotify-token-swap/.venv/bin/" + web_command().replace("'", '"')
     assert unit["Environment"] == '"GUNICORN_CMD_ARGS=--bind 127.0.0.1:%i"'
     assert (unit["KillSignal"], unit["KillMode"]) == ("SIGTERM", "mixed")  # the master alone gets SIGTERM
-    monkeypatch.chdir(tmp_path)
-    for name, value in BASE_CONFIG.items():
-        monkeypatch.setenv(name, value)
-    assert int(unit["TimeoutStopSec"]) > runpy.run_path(str(ROOT / "gunicorn.conf.py"))["graceful_timeout"]
+    assert int(unit["TimeoutStopSec"]) > server.stop_seconds(load_config(BASE_CONFIG))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import runpy
 import signal
 import socket
 import threading
@@ -16,12 +15,12 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from config import BODY_TIMEOUT, STOP_MARGIN, Config, longest_request_seconds
+from config import BODY_TIMEOUT, STOP_MARGIN, Config, load_config, longest_request_seconds
 from crypto import TokenSealer
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import Server, free_port
 from devtools.fake_accounts import CLIENT_ID
-from server import DRAIN_SECONDS
+from server import DRAIN_SECONDS, stop_seconds
 from tests.helpers import BASE_CONFIG, SECRET, server_env
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
@@ -255,19 +254,13 @@ def test_a_worker_gunicorn_retires_itself_drains_too_instead_of_holding_idle_con
 
 
 @pytest.mark.parametrize("spotify_timeout, expected", [("10", 35), ("300", 615), ("0.5", 16)])
-def test_graceful_timeout_outlasts_the_longest_request_the_service_admits(spotify_timeout, expected, monkeypatch,
-                                                                          tmp_path):
-    """gunicorn.conf.py's graceful_timeout (and worker timeout): body + queue wait + Spotify call + margin."""
-    monkeypatch.chdir(tmp_path)  # no developer's .env
-    for name, value in {**BASE_CONFIG, "SPOTIFY_TIMEOUT": spotify_timeout}.items():
-        monkeypatch.setenv(name, value)
-    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+def test_graceful_timeout_outlasts_the_longest_request_the_service_admits(spotify_timeout, expected):
+    """gunicorn.conf.py's graceful_timeout (and worker timeout, the same): body + queue wait + Spotify call + margin."""
     config = Config(client_id="i", client_secret="s", callback_urls=("a:b",), encryption_secrets=("x" * 16,),
                     timeout=float(spotify_timeout))
     assert longest_request_seconds(config) == BODY_TIMEOUT + 2 * float(spotify_timeout)
-    assert settings["graceful_timeout"] == expected >= longest_request_seconds(config) + STOP_MARGIN
-    assert settings["timeout"] >= settings["graceful_timeout"]
-    assert isinstance(settings["graceful_timeout"], int)  # gunicorn refuses a float
+    assert stop_seconds(config) == expected >= longest_request_seconds(config) + STOP_MARGIN
+    assert isinstance(stop_seconds(config), int)  # gunicorn refuses a float
 
 
 def test_the_body_timeout_is_stated_once():
@@ -276,11 +269,8 @@ def test_the_body_timeout_is_stated_once():
     assert api.BODY_TIMEOUT is BODY_TIMEOUT  # the api reads config's, as the stop's arithmetic does
 
 
-def test_the_docs_quote_the_stop_time_gunicorn_conf_computes_and_grace_periods_allow_it(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    for name, value in BASE_CONFIG.items():
-        monkeypatch.setenv(name, value)
-    graceful = runpy.run_path(str(ROOT / "gunicorn.conf.py"))["graceful_timeout"]
+def test_the_docs_quote_the_stop_time_gunicorn_conf_computes_and_grace_periods_allow_it():
+    graceful = stop_seconds(load_config(BASE_CONFIG))
     operations = (ROOT / "docs/operations.md").read_text()
     assert f"**{graceful} s with\nthe default `SPOTIFY_TIMEOUT=10`**" in operations
     deploy = (ROOT / "docs/deploy.md").read_text()
