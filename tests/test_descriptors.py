@@ -516,6 +516,21 @@ def test_readme_documents_every_route(app):
     text = "\n".join([readme(), *(path.read_text() for path in sorted((ROOT / "docs").glob("*.md")))])
     for path in paths:
         assert f"`POST {path}`" in text or f"`GET {path}`" in text, path
+    # The README's API table itself lists every path of the API, each spelled whole.
+    api = readme_section("API")
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("api."):
+            assert any(f"`{method} {rule.rule}`" in api for method in rule.methods or ()), rule.rule
+
+
+def test_readme_connection_counts_are_the_servers():
+    from server import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES
+
+    floods = " ".join(readme_section("Under load and attack").split())
+    workers = 2  # gunicorn.conf.py's default (WEB_CONCURRENCY)
+    assert f"after {OTHER_OPEN_FILES} other files" in floods and f"at most {MAX_CONNECTIONS_PER_WORKER:,}" in floods
+    assert f"limit of {workers * MAX_CONNECTIONS_PER_WORKER + OTHER_OPEN_FILES:,} or more" in floods
+    assert f"one instance holds {workers * MAX_CONNECTIONS_PER_WORKER:,} idle" in floods
 
 
 
