@@ -29,7 +29,8 @@ from pathlib import Path
 from dotenv import dotenv_values, set_key
 
 import check
-from config import Config, generate_secret, redacted_url
+from config import Config, generate_secret
+from logs import redacted_url
 from devtools.process import wait_until_up, web_command
 
 ROOT = Path(__file__).resolve().parent.parent
