@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 import metrics
 import ratelimit
 import spotify
-from config import BODY_TIMEOUT, MAX_BODY_BYTES
+from config import BODY_TIMEOUT, MAX_BODY_BYTES, SPOTIFY_SHORTEST_LIFETIME
 from crypto import InvalidToken, Opened
 from errors import OAuthError, json_response
 from resources import Resources, resources
@@ -228,7 +228,7 @@ def _swap(svc: Resources, data: Mapping[str, Any]) -> dict[str, Any]:
                 ascii(redirect_uri),
             )
         raise
-    return _sealed(svc, tokens)
+    return _sealed(svc, tokens, Opened("", signed_in_at=svc.now()))  # a new sign-in: a new grant
 
 
 def _refresh(svc: Resources, data: Mapping[str, Any], *, code_is_token: bool) -> dict[str, Any]:
@@ -245,11 +245,17 @@ def _refresh(svc: Resources, data: Mapping[str, Any], *, code_is_token: bool) ->
     if opened is None:
         raise OAuthError(400, "invalid_grant", "Invalid refresh token")
     metrics.count_opened(opened.key)  # key usage, for key rotation
-    tokens = svc.spotify.refresh(opened.refresh_token, admit=lambda: ratelimit.admit(opened.refresh_token))
+    _refuse_ended(svc, opened)
+    try:
+        tokens = svc.spotify.refresh(opened.refresh_token, admit=lambda: ratelimit.admit(opened.refresh_token))
+    except spotify.Denied as err:
+        if err.answer.get("error") == "invalid_grant":
+            raise OAuthError(err.status, "invalid_grant", _spotify_ended(svc, opened, err)) from None
+        raise
     # A refresh answer carries a refresh token, so a client that stores what it receives never
-    # loses it: Spotify's new one, or the one sent (moved to the newest key if need be).
-    kept = svc.sealer.seal(opened.refresh_token) if opened.needs_reseal else token
-    return _sealed(svc, tokens, otherwise=kept)
+    # loses it: Spotify's new one, or the one sent (moved to the newest key and version if need be).
+    kept = _seal(svc, opened.refresh_token, opened) if opened.needs_reseal else token
+    return _sealed(svc, tokens, opened, otherwise=kept)
 
 
 def _app_token(svc: Resources) -> dict[str, Any]:
@@ -267,6 +273,41 @@ def _app_token(svc: Resources) -> dict[str, Any]:
     return svc.app_tokens.get(fetch)
 
 
+def _refuse_ended(svc: Resources, opened: Opened) -> None:
+    """Refuse a sign-in past REFRESH_TOKEN_LIFETIME here, without asking Spotify; count the age of the others."""
+    if opened.signed_in_at is None:
+        return
+    age = svc.now() - opened.signed_in_at
+    if age >= svc.config.refresh_token_lifetime:
+        metrics.count_grant_refused("expired")
+        raise OAuthError(
+            400, "invalid_grant",
+            f"The sign-in has expired: it is {_age(age)} old, past this service's refresh token lifetime of "
+            f"{_age(svc.config.refresh_token_lifetime)}. The user must log in again; do not retry",
+        )
+    metrics.observe_token_age(age)
+
+
+def _spotify_ended(svc: Resources, opened: Opened, err: spotify.Denied) -> str:
+    """What a client is told when Spotify refuses a refresh token: whether its sign-in was past Spotify's
+    lifetime, and that retrying cannot help."""
+    said = f" ({err.description[:200]})" if err.description else ""
+    if opened.signed_in_at is None:
+        why = "its sign-in time is not known, so it may be past Spotify's six-month lifetime"
+    else:
+        age = svc.now() - opened.signed_in_at
+        why = (
+            f"the sign-in is {_age(age)} old, past Spotify's six-month lifetime"
+            if age >= SPOTIFY_SHORTEST_LIFETIME
+            else f"the sign-in is {_age(age)} old, within its lifetime: the user may have removed the app's access"
+        )
+    return f"Spotify refused the refresh token{said}; {why}. Discard it and have the user log in again; do not retry"
+
+
+def _age(seconds: int) -> str:
+    return f"{seconds // 86400} days" if seconds >= 2 * 86400 else f"{seconds} seconds"
+
+
 def _open(svc: Resources, token: str) -> Opened | None:
     try:
         return svc.sealer.open(token)
@@ -274,12 +315,22 @@ def _open(svc: Resources, token: str) -> Opened | None:
         return None
 
 
-def _sealed(svc: Resources, tokens: dict[str, Any], otherwise: str | None = None) -> dict[str, Any]:
-    """Spotify's answer with its refresh token sealed (the raw one never reaches the client), or
-    with `otherwise` when it has none."""
+def _seal(svc: Resources, raw: str, grant: Opened) -> str:
+    """`raw` sealed as a token of `grant`'s sign-in: its time and grant id kept (a new grant id for a
+    token that had none)."""
+    return svc.sealer.seal(raw, signed_in_at=grant.signed_in_at, grant_id=grant.grant_id)
+
+
+def _sealed(svc: Resources, tokens: dict[str, Any], grant: Opened, otherwise: str | None = None) -> dict[str, Any]:
+    """Spotify's answer with its refresh token sealed as one of `grant`'s sign-in (the raw one never
+    reaches the client), or with `otherwise` when it has none; with `refresh_token_expires_in`, the
+    whole seconds the sign-in has left, when its time is known."""
     raw = tokens.pop("refresh_token", None)
     if isinstance(raw, str) and raw:
-        tokens["refresh_token"] = svc.sealer.seal(raw)
+        tokens["refresh_token"] = _seal(svc, raw, grant)
     elif otherwise is not None:
         tokens["refresh_token"] = otherwise
+    ends_at = svc.grant_ends_at(grant)
+    if ends_at is not None and "refresh_token" in tokens:
+        tokens["refresh_token_expires_in"] = max(0, ends_at - svc.now())
     return tokens

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import click
 from flask import Flask, Response
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -19,8 +22,9 @@ import resources
 from config import MAX_BODY_BYTES, Config, ConfigError, load_config
 
 
-def create_app(config: Config | None = None) -> Flask:
-    """The service for `config`, or for the environment's configuration (tests pass a Config)."""
+def create_app(config: Config | None = None, *, clock: Callable[[], float] = time.time) -> Flask:
+    """The service for `config`, or for the environment's configuration (tests pass a Config and may pass
+    the `clock` that tells the time of day)."""
     app = TokenSwap(__name__)
     # Werkzeug would answer /api//token with a 308 redirect and an HTML body; a 404 JSON is clearer.
     app.url_map.merge_slashes = False
@@ -35,7 +39,7 @@ def create_app(config: Config | None = None) -> Flask:
             raise click.ClickException(str(err)) if click.get_current_context(silent=True) else err
     logs.init_app(app)
     resources.init_app(app, config, observer=metrics.init_app(app, config, api.ENDPOINT_GRANTS),
-                       gate=brake.init_app(app, config))
+                       gate=brake.init_app(app, config), clock=clock)
     app.register_blueprint(api.bp)
     page.init_app(app)
     errors.init_app(app)

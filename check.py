@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 import spotify
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, load_config, token_settings
 from crypto import key_id
 from limitstore import storage_for
 from logs import redacted_url
@@ -76,7 +77,5 @@ def _information(config: Config, echo: Callable[[str], None]) -> None:
     ids = [key_id(secret).hex() for secret in config.encryption_secrets]
     echo(f"{INFO} ENCRYPTION_SECRET key ids: {ids[0]} seals new tokens"
          + (f"; {', '.join(ids[1:])} still open tokens" if ids[1:] else ""))
-    if config.legacy_secret:
-        echo(f"{INFO} legacy tokens are read (LEGACY_ENCRYPTION_SECRET is set) and re-sealed on refresh")
-    else:
-        echo(f"{INFO} legacy tokens are not read (LEGACY_ENCRYPTION_SECRET is not set)")
+    for line in token_settings(config, time.time()):
+        echo(f"{INFO} {line}")

@@ -7,6 +7,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from urllib.parse import urlsplit
 
 from limits import parse_many
@@ -21,6 +22,9 @@ VARIABLES: dict[str, str] = {
     "SPOTIFY_CLIENT_CALLBACK_URL": "Redirect URI(s) registered with Spotify, comma-separated; the first is the default (required)",
     "ENCRYPTION_SECRET": "Secret(s) sealing refresh tokens, comma-separated, newest first; each at least 16 characters (required)",
     "LEGACY_ENCRYPTION_SECRET": "ENCRYPTION_SECRET of a legacy Ruby/Sinatra token swap service whose tokens should still refresh (optional)",
+    "SPOTIFYAPISERVER_SECRET_KEY": "SECRET_KEY of a SpotifyAPIServer (Swift/Vapor) whose tokens should still refresh (optional)",
+    "UNSEALED_TOKENS_UNTIL": "Accept raw Spotify refresh tokens at the refresh paths through this day, YYYY-MM-DD UTC, answering sealed ones (default: never)",
+    "REFRESH_TOKEN_LIFETIME": "How long a sign-in lasts: seconds, or with a unit s/h/d, e.g. 12h or 183d (default 184d, never shorter than Spotify's 6 months)",
     "SPOTIFY_ACCOUNTS_URL": "Base URL of Spotify's accounts service (default https://accounts.spotify.com)",
     "SPOTIFY_API_URL": "Base URL of Spotify's Web API, which the landing page's login test calls (default https://api.spotify.com)",
     "SPOTIFY_TIMEOUT": "Seconds to wait for Spotify on each call (default 10)",
@@ -49,6 +53,14 @@ DEV_VARIABLES: dict[str, str] = {
 }
 
 MIN_SECRET_LENGTH = 16
+
+# Spotify ends a refresh token six months after the sign-in. Six calendar months are 181 to 184 days: the
+# default lifetime is the longest of them, so the service never refuses a sign-in Spotify still honours
+# (docs/operations.md, "Refresh token lifetime").
+DEFAULT_REFRESH_TOKEN_LIFETIME = 184 * 86400
+# The shortest six calendar months: a sign-in older than this may have been ended by Spotify.
+SPOTIFY_SHORTEST_LIFETIME = 181 * 86400
+_LIFETIME_UNITS = {"": 1, "s": 1, "h": 3600, "d": 86400}
 
 # How long a request may take to send its body once its headers have arrived (api.py's 408).
 BODY_TIMEOUT = 10
@@ -80,6 +92,9 @@ class Config:
     callback_urls: tuple[str, ...]
     encryption_secrets: tuple[str, ...]
     legacy_secret: str | None = None
+    spotifyapiserver_secret: str | None = None
+    unsealed_until: date | None = None
+    refresh_token_lifetime: int = DEFAULT_REFRESH_TOKEN_LIFETIME
     accounts_url: str = "https://accounts.spotify.com"
     api_url: str = "https://api.spotify.com"
     timeout: float = 10.0
@@ -209,6 +224,32 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     # strengthen. Only a value that is nothing but white space counts as unset.
     legacy_secret = env.get("LEGACY_ENCRYPTION_SECRET") if get("LEGACY_ENCRYPTION_SECRET") else None
 
+    # Like the legacy secret, SpotifyAPIServer's SECRET_KEY is whatever it was: not ours to check.
+    spotifyapiserver_secret = (
+        env.get("SPOTIFYAPISERVER_SECRET_KEY") if get("SPOTIFYAPISERVER_SECRET_KEY") else None
+    )
+    unsealed_until = None
+    if get("UNSEALED_TOKENS_UNTIL"):
+        try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", get("UNSEALED_TOKENS_UNTIL")):
+                raise ValueError
+            unsealed_until = date.fromisoformat(get("UNSEALED_TOKENS_UNTIL"))
+        except ValueError:
+            problems.append(
+                f"UNSEALED_TOKENS_UNTIL={get('UNSEALED_TOKENS_UNTIL')!r} must be a date, YYYY-MM-DD (UTC), "
+                "e.g. 2027-06-30: raw tokens are accepted through that day"
+            )
+    refresh_token_lifetime = Config.refresh_token_lifetime
+    if get("REFRESH_TOKEN_LIFETIME"):
+        lifetime = re.fullmatch(r"(\d{1,9})\s*([a-z]?)", get("REFRESH_TOKEN_LIFETIME").lower())
+        if lifetime and lifetime.group(2) in _LIFETIME_UNITS and int(lifetime.group(1)) > 0:
+            refresh_token_lifetime = int(lifetime.group(1)) * _LIFETIME_UNITS[lifetime.group(2)]
+        else:
+            problems.append(
+                f"REFRESH_TOKEN_LIFETIME={get('REFRESH_TOKEN_LIFETIME')!r} must be a number of seconds, or of "
+                "s, h or d (e.g. 90s, 12h, 184d), above 0; months and minutes are not units here"
+            )
+
     accounts_url = _base_url("SPOTIFY_ACCOUNTS_URL", get("SPOTIFY_ACCOUNTS_URL") or Config.accounts_url, problems)
     api_url = _base_url("SPOTIFY_API_URL", get("SPOTIFY_API_URL") or Config.api_url, problems)
 
@@ -287,6 +328,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         callback_urls=callback_urls,
         encryption_secrets=encryption_secrets,
         legacy_secret=legacy_secret,
+        spotifyapiserver_secret=spotifyapiserver_secret,
+        unsealed_until=unsealed_until,
+        refresh_token_lifetime=refresh_token_lifetime,
         accounts_url=accounts_url,
         api_url=api_url,
         timeout=timeout,
@@ -302,6 +346,38 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         credentials_checked=get("TOKENSWAP_CREDENTIALS_CHECKED") or None,
         check_failures=tuple(line.strip() for line in get("TOKENSWAP_CHECK_FAILED").splitlines() if line.strip()),
     )
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600)):
+        if seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} seconds"
+
+
+def token_settings(config: Config, now: float) -> list[str]:
+    """What this deployment does with refresh tokens, one sentence each, as the page, `check` and the
+    start-up log say it: the sign-in lifetime and which other servers' tokens migrate."""
+    lifetime = config.refresh_token_lifetime
+    shorter = " (shorter than Spotify's 6 months)" if lifetime < SPOTIFY_SHORTEST_LIFETIME else ""
+    lines = [f"a sign-in lasts {_duration(lifetime)}{shorter} (REFRESH_TOKEN_LIFETIME); refreshing does not extend it"]
+    for name, variable, value in (
+        ("the legacy Ruby/Sinatra services", "LEGACY_ENCRYPTION_SECRET", config.legacy_secret),
+        ("SpotifyAPIServer", "SPOTIFYAPISERVER_SECRET_KEY", config.spotifyapiserver_secret),
+    ):
+        lines.append(
+            f"tokens of {name} are read ({variable} is set) and re-sealed on refresh" if value
+            else f"tokens of {name} are not read ({variable} is not set)"
+        )
+    until = config.unsealed_until
+    if until is None:
+        lines.append("raw Spotify refresh tokens are refused (UNSEALED_TOKENS_UNTIL is not set)")
+    elif datetime.fromtimestamp(now, timezone.utc).date() <= until:
+        lines.append(f"raw Spotify refresh tokens are accepted and sealed through {until.isoformat()} UTC "
+                     "(UNSEALED_TOKENS_UNTIL)")
+    else:
+        lines.append(f"raw Spotify refresh tokens are refused: UNSEALED_TOKENS_UNTIL={until.isoformat()} has passed")
+    return lines
 
 
 def longest_request_seconds(config: Config) -> float:

@@ -1,7 +1,9 @@
-"""Seal and open refresh tokens: AES-256-GCM for our own, 3DES-CBC to read the legacy Ruby services' tokens.
+"""Seal and open refresh tokens: AES-256-GCM for our own; openers for the tokens of the servers apps move from.
 
 The sealed token's byte layout, key derivation and associated data are specified in docs/token-format.md, the one
 copy of the format; the constants below follow it (tests/test_descriptors.py checks them against that page).
+The other openers (the legacy Ruby services' 3DES tokens, SpotifyAPIServer's AES-GCM tokens, raw Spotify tokens
+for a while) are composed with the sealer where the service is built, as its `fallbacks`.
 """
 
 from __future__ import annotations
@@ -10,25 +12,38 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Sequence
+import secrets as _random
+import struct
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Protocol
 
 from Crypto.Cipher import AES, DES3
 from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 from Crypto.Random import get_random_bytes
 
-VERSION = 0x01
+# The version sealed; tokens of VERSION_1 (no sign-in time, no grant id) still open.
+VERSION = 0x02
+VERSION_1 = 0x01
 KEY_ID_SIZE = 4
 NONCE_SIZE = 12
 TAG_SIZE = 16
 HEADER_SIZE = 1 + KEY_ID_SIZE
 MIN_TOKEN_SIZE = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
+# Version 2's plaintext: sign-in time (seconds since the epoch, UTC; 0 = not known) | grant id | refresh token.
+SIGNED_IN_SIZE = 8
+GRANT_ID_SIZE = 16
+GRANT_SIZE = SIGNED_IN_SIZE + GRANT_ID_SIZE
 MAX_TOKEN_CHARS = 8192
 # A legacy token holds at most 2048 plaintext characters: ~2800 Base64 characters with line breaks.
 MAX_LEGACY_CHARS = 4096
-# Opened.key of a token the legacy service sealed.
+# Opened.key of a token the legacy service sealed, SpotifyAPIServer sealed, or that came raw.
 LEGACY_KEY = "legacy"
+SPOTIFYAPISERVER_KEY = "spotifyapiserver"
+UNSEALED_KEY = "unsealed"
 
 _SALT = b"spotify-token-swap"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
@@ -42,14 +57,34 @@ class InvalidToken(Exception):
 
 @dataclass(frozen=True)
 class Opened:
-    """A Spotify refresh token taken out of a sealed token."""
+    """A Spotify refresh token taken out of a sealed token, with what the token says of its sign-in."""
 
     refresh_token: str
-    # Sealed under an older key or by a legacy service: hand the client a fresh seal.
+    # Sealed under an older key, in an older version or by another server: hand the client a fresh seal.
     needs_reseal: bool = False
-    # Which key opened it: the key id in hex (as `flask --app app check` lists it), or "legacy".
-    # Not part of equality: two Opened with the same token and reseal need are the same result.
+    # Which key opened it: the key id in hex (as `flask --app app check` lists it), "legacy",
+    # "spotifyapiserver" or "unsealed". Not part of equality: two Opened with the same contents are the
+    # same result.
     key: str = field(default=LEGACY_KEY, compare=False)
+    # When the user signed in (the swap), whole seconds since the epoch, UTC; None where the token
+    # does not say (version 1, other servers' tokens, raw tokens, migrated ones): never guessed.
+    signed_in_at: int | None = None
+    # The sign-in's random id (32 hex digits), the same in every token of that sign-in; None for a
+    # token that carries none (version 1, other servers' tokens, raw tokens).
+    grant_id: str | None = None
+
+
+class Opener(Protocol):
+    """Anything that opens a token or raises InvalidToken: the sealer's fallbacks."""
+
+    def open(self, token: str) -> Opened:
+        """The refresh token inside `token`; raise InvalidToken."""
+        ...
+
+
+def new_grant_id() -> str:
+    """A fresh random grant id: 16 bytes, as 32 hex digits."""
+    return _random.token_hex(GRANT_ID_SIZE)
 
 
 def _derive(secret: str, info: bytes, length: int) -> bytes:
@@ -116,6 +151,57 @@ class LegacyCipher:
             raise InvalidToken
         return plaintext
 
+    def open(self, token: str) -> Opened:
+        """A legacy token's refresh token, to be sealed anew (its sign-in time is not known)."""
+        return Opened(self.decrypt(token), needs_reseal=True, key=LEGACY_KEY)
+
+
+class SpotifyAPIServerCipher:
+    """Opens the tokens of Peter Schorn's SpotifyAPIServer (Swift/Vapor), whose `SECRET_KEY` is given.
+
+    AES-256-GCM under SHA-256 of the secret (UTF-8); the token is base64url of nonce (12 bytes) ||
+    ciphertext || tag (16 bytes), no associated data. Its tokens are unpadded; a padded spelling
+    (as some Base64 decoders and clients rewrite it) opens too, while a wrong padding does not.
+    """
+
+    def __init__(self, secret_key: str):
+        if not secret_key:
+            raise ValueError("SpotifyAPIServer's SECRET_KEY is empty")
+        self._key = hashlib.sha256(secret_key.encode("utf-8")).digest()
+
+    def open(self, token: str) -> Opened:
+        """The refresh token inside a SpotifyAPIServer token, to be sealed anew in this service's format."""
+        unpadded = token.rstrip("=")
+        if unpadded != token and (len(token) % 4 or len(token) - len(unpadded) != -len(unpadded) % 4):
+            raise InvalidToken
+        data = _b64url_decode(unpadded)
+        if len(data) <= NONCE_SIZE + TAG_SIZE:
+            raise InvalidToken
+        cipher = AES.new(self._key, AES.MODE_GCM, nonce=data[:NONCE_SIZE], mac_len=TAG_SIZE)
+        try:
+            plaintext = cipher.decrypt_and_verify(data[NONCE_SIZE:-TAG_SIZE], data[-TAG_SIZE:]).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidToken from None
+        if not _SPOTIFY_TOKEN.fullmatch(plaintext):
+            raise InvalidToken
+        return Opened(plaintext, needs_reseal=True, key=SPOTIFYAPISERVER_KEY)
+
+
+class UnsealedTokens:
+    """Takes a raw Spotify refresh token as it is, until the end of a day (UTC): apps that held raw
+    tokens (the Glitch Node example, SpotifyAPI-NET's example server) move without logging users out."""
+
+    def __init__(self, until: date, clock: Callable[[], float] = time.time):
+        # Through the whole of `until`: refused from 00:00 UTC of the day after.
+        self.ends_at = datetime.combine(until + timedelta(days=1), datetime.min.time(), timezone.utc).timestamp()
+        self._clock = clock
+
+    def open(self, token: str) -> Opened:
+        """The token itself, to be sealed, while the date has not passed and it looks like a Spotify token."""
+        if self._clock() >= self.ends_at or not _SPOTIFY_TOKEN.fullmatch(token):
+            raise InvalidToken
+        return Opened(token, needs_reseal=True, key=UNSEALED_KEY)
+
 
 def _evp_bytes_to_key(password: bytes, length: int, iterations: int = 2048) -> bytes:
     material, block = b"", b""
@@ -128,13 +214,14 @@ def _evp_bytes_to_key(password: bytes, length: int, iterations: int = 2048) -> b
 
 
 class TokenSealer:
-    """Seals Spotify refresh tokens under the first secret; opens tokens under any listed secret."""
+    """Seals Spotify refresh tokens under the first secret; opens tokens under any listed secret, then
+    tries each of `fallbacks` (openers of other formats) in order."""
 
     def __init__(
         self,
         secrets: Sequence[str],
         client_id: str,
-        legacy_secret: str | None = None,
+        fallbacks: Sequence[Opener] = (),
     ):
         if not secrets:
             raise ValueError("at least one secret is needed")
@@ -150,34 +237,49 @@ class TokenSealer:
         self._decoy = get_random_bytes(32)
         self._kid = key_id(secrets[0])
         self._key = self._keys[self._kid][0]
-        self._header = bytes([VERSION]) + self._kid
-        self._legacy = LegacyCipher(legacy_secret) if legacy_secret else None
+        self._fallbacks = tuple(fallbacks)
 
-    def seal(self, refresh_token: str) -> str:
-        """Seal a Spotify refresh token under the newest key."""
-        return self._seal(refresh_token, get_random_bytes(NONCE_SIZE))
+    def seal(self, refresh_token: str, signed_in_at: int | None = None, grant_id: str | None = None) -> str:
+        """Seal a Spotify refresh token under the newest key, with its sign-in's time (None: not known) and
+        grant id (None: a new grant)."""
+        return self._seal(
+            refresh_token, get_random_bytes(NONCE_SIZE), signed_in_at, grant_id or new_grant_id()
+        )
 
-    def _seal(self, refresh_token: str, nonce: bytes) -> str:
+    def _seal(self, refresh_token: str, nonce: bytes, signed_in_at: int | None, grant_id: str) -> str:
         # Tests call this with a fixed nonce to freeze the format in known-answer vectors.
         if not refresh_token:
             raise ValueError("nothing to seal")
+        if signed_in_at is not None and not 0 < signed_in_at < 2**63:
+            raise ValueError("the sign-in time is seconds since the epoch, after it")
+        grant = bytes.fromhex(grant_id)
+        if len(grant) != GRANT_ID_SIZE:
+            raise ValueError(f"a grant id is {GRANT_ID_SIZE} bytes")
+        header = bytes([VERSION]) + self._kid
+        plaintext = struct.pack(">Q", signed_in_at or 0) + grant + refresh_token.encode("utf-8")
         cipher = AES.new(self._key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_SIZE)
-        cipher.update(self._header + self._client_id)
-        ciphertext, tag = cipher.encrypt_and_digest(refresh_token.encode("utf-8"))
-        return _b64url_encode(self._header + nonce + ciphertext + tag)
+        cipher.update(header + self._client_id)
+        ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+        return _b64url_encode(header + nonce + ciphertext + tag)
 
     def open(self, token: str) -> Opened:
-        """Open a sealed token (or a legacy one, when a legacy secret is set); raise InvalidToken."""
+        """Open a sealed token, or one a fallback opens; raise InvalidToken."""
         try:
             return self._open(token)
         except InvalidToken:
-            if self._legacy is None:
+            if not self._fallbacks:
                 raise
-        return Opened(self._legacy.decrypt(token), needs_reseal=True, key=LEGACY_KEY)
+        for fallback in self._fallbacks:
+            try:
+                return fallback.open(token)
+            except InvalidToken:
+                pass
+        raise InvalidToken
 
     def _open(self, token: str) -> Opened:
         data = _b64url_decode(token)
-        if len(data) < MIN_TOKEN_SIZE or data[0] != VERSION:
+        version = data[0] if data else None
+        if len(data) < MIN_TOKEN_SIZE or version not in (VERSION, VERSION_1):
             raise InvalidToken
         header, kid = data[:HEADER_SIZE], data[1:HEADER_SIZE]
         listed = self._keys.get(kid)
@@ -191,6 +293,17 @@ class TokenSealer:
             )
             if listed is None:  # the decoy key is nobody's: its tag checks fail (but for 2^-128)
                 raise InvalidToken
-            return Opened(plaintext.decode("utf-8"), needs_reseal=old, key=kid.hex())
+            if version == VERSION_1:
+                return Opened(plaintext.decode("utf-8"), needs_reseal=True, key=kid.hex())
+            if len(plaintext) <= GRANT_SIZE:  # authentic, yet not what this code seals
+                raise InvalidToken
+            (signed_in_at,) = struct.unpack(">Q", plaintext[:SIGNED_IN_SIZE])
+            return Opened(
+                plaintext[GRANT_SIZE:].decode("utf-8"),
+                needs_reseal=old,
+                key=kid.hex(),
+                signed_in_at=signed_in_at or None,
+                grant_id=plaintext[SIGNED_IN_SIZE:GRANT_SIZE].hex(),
+            )
         except (ValueError, UnicodeDecodeError):
             raise InvalidToken from None

@@ -34,6 +34,10 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "tokenswap"
 # Seconds: Spotify usually answers in 0.1-0.3 s; SPOTIFY_TIMEOUT is 10 by default, at most 300.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Days since the sign-in: a week, months, and the edge of Spotify's six (181 to 184 days).
+AGE_BUCKETS = (1.0, 7.0, 30.0, 60.0, 90.0, 120.0, 150.0, 170.0, 181.0, 184.0, 366.0)
+# Why a sign-in was refused before Spotify was called: past REFRESH_TOKEN_LIFETIME, or signed out (POST /revoke).
+GRANT_REFUSALS = ("expired", "signed_out")
 # A label value taken from an answer: an OAuth error code is lower-case letters and underscores.
 _CODE = re.compile(r"[a-z_]{1,40}")
 # Deploy platforms name the commit being run in one of these (Heroku, Render, others).
@@ -98,8 +102,23 @@ class Metrics:
             ["grant", "outcome"], buckets=DURATION_BUCKETS, registry=registry,
         )
         self.tokens_opened = Counter(
-            f"{PREFIX}_tokens_opened", "Refresh tokens opened, by the key id that opened them (or legacy)",
+            f"{PREFIX}_tokens_opened",
+            "Refresh tokens opened, by the key id that opened them, or legacy, spotifyapiserver, unsealed",
             ["key"], registry=registry,
+        )
+        self.token_age = Histogram(
+            f"{PREFIX}_token_age_at_refresh_days",
+            "Days since the sign-in, at each refresh whose sign-in time is known",
+            buckets=AGE_BUCKETS, registry=registry,
+        )
+        self.grants_refused = Counter(
+            f"{PREFIX}_grants_refused",
+            "Refreshes refused before Spotify was called because the sign-in ended: expired (past "
+            "REFRESH_TOKEN_LIFETIME) or signed_out (POST /revoke)",
+            ["reason"], registry=registry,
+        )
+        self.revocations = Counter(
+            f"{PREFIX}_revocations", "Sign-ins ended by POST /revoke", registry=registry,
         )
         self.refused = Counter(
             f"{PREFIX}_refused", "Requests refused by a rate limit, by reason (failures, token, ceiling, busy)",
@@ -125,6 +144,8 @@ class Metrics:
             self.tokens_opened.labels(key)
         for reason in Refused.REASONS:
             self.refused.labels(reason)
+        for reason in GRANT_REFUSALS:
+            self.grants_refused.labels(reason)
         for grant in grants:
             self.requests.labels(grant, "ok")
 
@@ -169,10 +190,12 @@ def init_app(app: Flask, config: Config, endpoint_grants: Mapping[str, str]) -> 
     api blueprint's). Returns the Metrics (the observer of calls to Spotify), or None when metrics are off."""
     if not config.metrics_token:
         return None
-    from crypto import LEGACY_KEY, key_id
+    from crypto import LEGACY_KEY, SPOTIFYAPISERVER_KEY, UNSEALED_KEY, key_id
 
     keys = tuple(key_id(secret).hex() for secret in config.encryption_secrets)
-    metrics = Metrics(keys + ((LEGACY_KEY,) if config.legacy_secret else ()), tuple(endpoint_grants.values()))
+    others = ((LEGACY_KEY, config.legacy_secret), (SPOTIFYAPISERVER_KEY, config.spotifyapiserver_secret),
+              (UNSEALED_KEY, config.unsealed_until))
+    metrics = Metrics(keys + tuple(key for key, setting in others if setting), tuple(endpoint_grants.values()))
     app.extensions["metrics"] = metrics
     expected = f"Bearer {config.metrics_token}".encode()
 
@@ -238,7 +261,7 @@ def note_grant(grant: str) -> None:
 
 
 def count_opened(key: str) -> None:
-    """A refresh token was opened by this key (its id in hex, or legacy)."""
+    """A refresh token was opened by this key (its id in hex, or legacy, spotifyapiserver, unsealed)."""
     metrics = _metrics()
     if metrics is not None:
         metrics.tokens_opened.labels(key).inc()
@@ -249,3 +272,24 @@ def count_refused(reason: str) -> None:
     metrics = _metrics()
     if metrics is not None:
         metrics.refused.labels(reason).inc()
+
+
+def observe_token_age(seconds: int) -> None:
+    """A refresh of a sign-in this many seconds old."""
+    metrics = _metrics()
+    if metrics is not None:
+        metrics.token_age.observe(max(0, seconds) / 86400)
+
+
+def count_grant_refused(reason: str) -> None:
+    """A refresh was refused because its sign-in ended (GRANT_REFUSALS: expired, signed_out)."""
+    metrics = _metrics()
+    if metrics is not None:
+        metrics.grants_refused.labels(reason).inc()
+
+
+def count_revocation() -> None:
+    """POST /revoke ended a sign-in."""
+    metrics = _metrics()
+    if metrics is not None:
+        metrics.revocations.inc()

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, Response, current_app, render_template, request
 from markupsafe import Markup, escape
 
-from config import Config
+from config import Config, token_settings
 from logs import redacted_url
 
 # Where a Spotify app's redirect URIs are registered.
@@ -77,6 +77,7 @@ def _page() -> str:
         check_failures=config.check_failures,
         dashboard_url=DASHBOARD_URL,
         scope=SCOPE,
+        token_settings=token_settings(config, current_app.extensions["tokenswap"].clock()),
     )
 
 

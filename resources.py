@@ -12,7 +12,7 @@ from flask import Flask, current_app
 
 import spotify
 from config import Config
-from crypto import TokenSealer
+from crypto import LegacyCipher, Opened, Opener, SpotifyAPIServerCipher, TokenSealer, UnsealedTokens
 from server import connections_per_worker
 
 
@@ -20,9 +20,20 @@ class Resources:
     """The configuration and the objects built from it, shared by every request of one process."""
 
     def __init__(self, config: Config, observer: spotify.Observer | None = None,
-                 logger: logging.Logger | None = None, gate: spotify.Gate | None = None):
+                 logger: logging.Logger | None = None, gate: spotify.Gate | None = None,
+                 clock: Callable[[], float] = time.time):
         self.config = config
-        self.sealer = TokenSealer(config.encryption_secrets, config.client_id, config.legacy_secret)
+        # The wall clock (seconds since the epoch): sign-in times are stamped and lifetimes counted by it.
+        self.clock = clock
+        # Other formats open after this service's own, in this order.
+        fallbacks: list[Opener] = []
+        if config.legacy_secret:
+            fallbacks.append(LegacyCipher(config.legacy_secret))
+        if config.spotifyapiserver_secret:
+            fallbacks.append(SpotifyAPIServerCipher(config.spotifyapiserver_secret))
+        if config.unsealed_until is not None:
+            fallbacks.append(UnsealedTokens(config.unsealed_until, clock))
+        self.sealer = TokenSealer(config.encryption_secrets, config.client_id, fallbacks)
         self.spotify = spotify.AccountsClient(
             config.client_id,
             config.client_secret,
@@ -36,6 +47,17 @@ class Resources:
             gate=gate,  # the brake every call passes first
         )
         self.app_tokens = AppTokens()
+
+    def now(self) -> int:
+        """The time, in whole seconds since the epoch (UTC)."""
+        return int(self.clock())
+
+    def grant_ends_at(self, opened: Opened) -> int | None:
+        """When the sign-in `opened` belongs to ends (seconds since the epoch), or None when its time is not
+        known: signed_in_at + REFRESH_TOKEN_LIFETIME."""
+        if opened.signed_in_at is None:
+            return None
+        return opened.signed_in_at + self.config.refresh_token_lifetime
 
 
 class AppTokens:
@@ -78,10 +100,12 @@ class AppTokens:
 
 
 def init_app(
-    app: Flask, config: Config, observer: spotify.Observer | None = None, gate: spotify.Gate | None = None
+    app: Flask, config: Config, observer: spotify.Observer | None = None, gate: spotify.Gate | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> None:
-    """Build the resources of this app from `config`; `observer` sees every call to Spotify, `gate` lets it go."""
-    app.extensions["tokenswap"] = Resources(config, observer, app.logger, gate)
+    """Build the resources of this app from `config`; `observer` sees every call to Spotify, `gate` lets it go;
+    `clock` tells the time of day (tests move it)."""
+    app.extensions["tokenswap"] = Resources(config, observer, app.logger, gate, clock)
 
 
 def resources() -> Resources:

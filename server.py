@@ -21,6 +21,7 @@ import re
 import resource
 import socket
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from datetime import timedelta
 from types import FrameType
@@ -36,7 +37,7 @@ from gunicorn.workers.ggevent import GeventWorker
 import logs
 import metrics
 import ratelimit
-from config import STOP_MARGIN, Config, ConfigError, load_config, longest_request_seconds
+from config import STOP_MARGIN, Config, ConfigError, load_config, longest_request_seconds, token_settings
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
@@ -390,9 +391,14 @@ def when_ready(arbiter: Arbiter) -> None:
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     log.info("Open-file limit %s: each of the %s workers serves up to %s connections at once",
              open_files, cfg.workers, cfg.worker_connections)
-    warning = ratelimit.memory_storage_warning(load_config(), cfg.workers)
+    config = load_config()
+    warning = ratelimit.memory_storage_warning(config, cfg.workers)
     if warning:
         log.warning("%s", warning)
+    if config.unsealed_until is not None:
+        # Said at every start while it lasts: raw tokens in transit are Spotify's own (docs/security.md).
+        [unsealed] = [line for line in token_settings(config, time.time()) if "UNSEALED_TOKENS_UNTIL" in line]
+        log.warning("%s", unsealed[0].upper() + unsealed[1:])
 
 
 def on_starting(arbiter: Arbiter) -> None:

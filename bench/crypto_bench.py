@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crypto import TokenSealer  # noqa: E402
+from crypto import LegacyCipher, TokenSealer  # noqa: E402
 from devtools.legacy import legacy_token  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef-not-for-production"
@@ -41,17 +41,17 @@ def main() -> int:
 
     sealer = TokenSealer([SECRET], CLIENT_ID)
     rotated = TokenSealer([SECRET, OLD_SECRET], CLIENT_ID)
-    legacy = TokenSealer([SECRET], CLIENT_ID, legacy_secret=LEGACY_SECRET)
+    legacy = TokenSealer([SECRET], CLIENT_ID, fallbacks=[LegacyCipher(LEGACY_SECRET)])
     token = sealer.seal(REFRESH_TOKEN)
     old_token = TokenSealer([OLD_SECRET], CLIENT_ID).seal(REFRESH_TOKEN)
-    old_token = legacy_token(LEGACY_SECRET, REFRESH_TOKEN)
+    legacy_sealed = legacy_token(LEGACY_SECRET, REFRESH_TOKEN)
     assert sealer.open(token).refresh_token == REFRESH_TOKEN
 
     cases = [
         ("seal", lambda: sealer.seal(REFRESH_TOKEN)),
         ("open", lambda: sealer.open(token)),
         ("open, older key (rotation)", lambda: rotated.open(old_token)),
-        ("open, legacy 3DES token", lambda: legacy.open(old_token)),
+        ("open, legacy 3DES token", lambda: legacy.open(legacy_sealed)),
         ("open, tampered (rejected)", lambda: _rejects(sealer, token[:-2] + "AA")),
     ]
     print(f"{len(REFRESH_TOKEN)}-character refresh token; median of {args.repeat} runs x {args.number} calls")

@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from config import VARIABLES
 from devtools.fake_accounts import FakeAccounts
 from limitstore import seconds_to_window_end
-from tests.helpers import BASE_CONFIG, app_for
+from tests.helpers import BASE_CONFIG, Clock, app_for
 
 # Where CI is set, a skipped test fails (tests/tools.py): every tool is installed there.
 pytest_plugins = ["tests.tools"]
@@ -70,11 +70,17 @@ def config() -> dict[str, str]:
 
 
 @pytest.fixture
-def make_app(config: dict[str, str]) -> Callable[..., Flask]:
-    """Build the app from `config` with some variables overridden."""
+def clock() -> Clock:
+    """The wall clock the app reads (sign-in times, lifetimes): still unless a test moves it."""
+    return Clock()
+
+
+@pytest.fixture
+def make_app(config: dict[str, str], clock: Clock) -> Callable[..., Flask]:
+    """Build the app from `config` with some variables overridden, on the test's `clock`."""
 
     def make(**overrides: str) -> Flask:
-        return app_for({**config, **overrides})
+        return app_for({**config, **overrides}, clock)
 
     return make
 

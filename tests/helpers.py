@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from collections.abc import Mapping
@@ -44,10 +45,25 @@ BASE_CONFIG = {
 }
 
 
-def app_for(variables: Mapping[str, str]) -> Flask:
+class Clock:
+    """A wall clock that moves only when a test moves it: seconds since the epoch."""
+
+    START = 1_780_000_000.25  # 2026-05-28, a fixed instant with a fraction
+
+    def __init__(self, now: float = START):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def app_for(variables: Mapping[str, str], clock: Callable[[], float] = time.time) -> Flask:
     """The app, in testing mode, for a configuration given as environment variables; its test clients
     fail the test when an answer shows a secret, a code or a raw token."""
-    app = create_app(load_config(variables))
+    app = create_app(load_config(variables), clock=clock)
     app.testing = True
     app.test_client_class = CheckedClient
     return app
@@ -112,8 +128,10 @@ class CheckedClient(FlaskClient):
         return response
 
 
-def seal(raw: str, *secrets: str, client_id: str = CLIENT_ID) -> str:
-    return TokenSealer(list(secrets or [SECRET]), client_id).seal(raw)
+def seal(
+    raw: str, *secrets: str, client_id: str = CLIENT_ID, signed_in_at: int | None = None, grant_id: str | None = None
+) -> str:
+    return TokenSealer(list(secrets or [SECRET]), client_id).seal(raw, signed_in_at, grant_id)
 
 
 def unseal(token: str, *secrets: str) -> Opened:

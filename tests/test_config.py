@@ -6,6 +6,7 @@ import os
 from unittest import mock
 
 import dataclasses
+from datetime import date
 
 import pytest
 
@@ -118,6 +119,14 @@ def test_callback_without_scheme_is_refused():
         ("SPOTIFY_API_URL", "api.spotify.com"),
         ("SPOTIFY_API_URL", "wss://api.spotify.com"),
         ("RATE_LIMIT_STORAGE_URI", "mysql://db/limits"),
+        ("REFRESH_TOKEN_LIFETIME", "0"),
+        ("REFRESH_TOKEN_LIFETIME", "6m"),  # months or minutes? neither: a unit nobody can misread
+        ("REFRESH_TOKEN_LIFETIME", "1.5d"),
+        ("REFRESH_TOKEN_LIFETIME", "-5s"),
+        ("REFRESH_TOKEN_LIFETIME", "six months"),
+        ("UNSEALED_TOKENS_UNTIL", "2027-02-30"),
+        ("UNSEALED_TOKENS_UNTIL", "30/06/2027"),
+        ("UNSEALED_TOKENS_UNTIL", "20270630"),
     ],
 )
 def test_invalid_optional_value_is_refused_by_name(name, value):
@@ -168,6 +177,8 @@ def test_defaults():
     assert config.legacy_secret is None
     assert config.cors_origins == ()
     assert config.trusted_proxies == 0
+    assert config.refresh_token_lifetime == 184 * 86400  # the longest six calendar months
+    assert config.unsealed_until is None and config.spotifyapiserver_secret is None
 
 
 def test_blank_optional_values_mean_their_defaults():
@@ -183,6 +194,9 @@ def test_blank_optional_values_mean_their_defaults():
             "RATE_LIMIT_FAILURES",
             "SPOTIFY_MAX_RATE",
             "RATE_LIMIT_STORAGE_URI",
+            "SPOTIFYAPISERVER_SECRET_KEY",
+            "UNSEALED_TOKENS_UNTIL",
+            "REFRESH_TOKEN_LIFETIME",
         )
     }
     assert load_config({**MINIMAL, **blank}) == load_config(MINIMAL)
@@ -233,6 +247,19 @@ def test_values_are_parsed():
     assert config.rate_limit_storage_uri == "redis://127.0.0.1:6379"
     # The legacy secret is the old service's, whatever its length.
     assert config.legacy_secret == "old"
+
+
+@pytest.mark.parametrize(
+    "value, seconds", [("90", 90), ("90s", 90), ("12h", 43200), ("183d", 183 * 86400), (" 5 S ", 5)]
+)
+def test_refresh_token_lifetime_takes_seconds_or_a_unit(value, seconds):
+    assert load_config({**MINIMAL, "REFRESH_TOKEN_LIFETIME": value}).refresh_token_lifetime == seconds
+
+
+def test_unsealed_until_and_spotifyapiserver_secret_are_read():
+    config = load_config({**MINIMAL, "UNSEALED_TOKENS_UNTIL": "2027-06-30", "SPOTIFYAPISERVER_SECRET_KEY": " k "})
+    assert config.unsealed_until == date(2027, 6, 30)
+    assert config.spotifyapiserver_secret == " k "  # its SECRET_KEY as the Swift server read it
 
 
 @pytest.mark.parametrize("value", ["0", "off", "OFF", "none", "false"])

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
+from datetime import date, datetime, timezone
 
 import pytest
 from Crypto.Cipher import AES
 from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 
-from crypto import InvalidToken, Opened, TokenSealer, key_id
+from crypto import (
+    InvalidToken,
+    LegacyCipher,
+    Opened,
+    SpotifyAPIServerCipher,
+    TokenSealer,
+    UnsealedTokens,
+    key_id,
+)
 from devtools.legacy import legacy_token
 from tests.helpers import legacy_vectors
 
@@ -23,7 +33,7 @@ LEGACY_VECTORS = legacy_vectors()
 TOKEN_ALPHABET = re.compile(r"[A-Za-z0-9_-]+")
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
-# Regions of a decoded version-1 token: version | key id | nonce | ciphertext | tag.
+# Regions of a decoded token: version | key id | nonce | ciphertext | tag.
 REGIONS = {
     "version": slice(0, 1),
     "key id": slice(1, 5),
@@ -32,8 +42,36 @@ REGIONS = {
     "tag": slice(-16, None),
 }
 
+SIGNED_IN_AT = 1_780_000_000
+GRANT_ID = "00112233445566778899aabbccddeeff"
+
 # Known answers, computed once and frozen: a change to the format breaks these on purpose.
 KNOWN_ANSWERS = [
+    {
+        "secret": "known-answer-secret-0123456789ab",
+        "client_id": "kat-client-id",
+        "nonce": "000102030405060708090a0b",
+        "signed_in_at": 1_780_000_000,
+        "grant_id": "00112233445566778899aabbccddeeff",
+        "plaintext": "AQB1x-sample-refresh-token_0123456789",
+        "token": (
+            "AmoDFYAAAQIDBAUGBwgJCgv7FixfHISmHyALLlhlduJeIQlLHE38mi2zGx70wptl-zSotcSrdmWYIB_3"
+            "77rmxiGbZSPl2VIIQJv1V11xYPvD7vomQaWwVHAE7TBXgg"
+        ),
+    },
+    {
+        "secret": "known-answer-secret-0123456789ab",
+        "client_id": "kat-client-id",
+        "nonce": "ffeeddccbbaa998877665544",
+        "signed_in_at": None,
+        "grant_id": "ffffffffffffffffffffffffffffffff",
+        "plaintext": "AQ",
+        "token": "AmoDFYD_7t3Mu6qZiHdmVUTTLvjIaPRgjfsZF9ZFJ_MdPPLS6Yp8JXKmMLHfOh5yCHYAjaJhCfalW3c",
+    },
+]
+
+# Version 1 (no sign-in time, no grant id): no longer sealed, still opened.
+KNOWN_ANSWERS_V1 = [
     {
         "secret": "known-answer-secret-0123456789ab",
         "client_id": "kat-client-id",
@@ -63,16 +101,23 @@ def unb64url(token: str) -> bytes:
 
 
 def reference_seal(
-    secret: str, client_id: str, nonce: bytes, plaintext: str, version: int = 1
+    secret: str,
+    client_id: str,
+    nonce: bytes,
+    plaintext: str,
+    version: int = 2,
+    signed_in_at: int | None = SIGNED_IN_AT,
+    grant_id: str = GRANT_ID,
 ) -> str:
-    """The format of docs/token-format.md, built from primitives without crypto.py."""
+    """The format of docs/token-format.md, built from primitives without crypto.py (version 1 with version=1)."""
     salt = b"spotify-token-swap"
     key = HKDF(secret.encode(), 32, salt, SHA256, context=b"v1 aes-256-gcm key")
     kid = HKDF(secret.encode(), 4, salt, SHA256, context=b"v1 key id")
     header = bytes([version]) + kid
+    grant = (signed_in_at or 0).to_bytes(8, "big") + bytes.fromhex(grant_id) if version != 1 else b""
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=16)
     cipher.update(header + client_id.encode())
-    ciphertext, tag = cipher.encrypt_and_digest(plaintext.encode())
+    ciphertext, tag = cipher.encrypt_and_digest(grant + plaintext.encode())
     return b64url(header + nonce + ciphertext + tag)
 
 
@@ -94,13 +139,37 @@ def token(sealer) -> str:
     [REFRESH, "x", "AQ" + "z" * 2000, "ünïcødé ✓ refresh token", "emoji 🎵 and\nnewline"],
 )
 def test_round_trip(sealer, plaintext):
-    assert sealer.open(sealer.seal(plaintext)) == Opened(plaintext, needs_reseal=False)
+    assert sealer.open(sealer.seal(plaintext, SIGNED_IN_AT, GRANT_ID)) == Opened(
+        plaintext, needs_reseal=False, signed_in_at=SIGNED_IN_AT, grant_id=GRANT_ID
+    )
+
+
+def test_sign_in_time_not_known_stays_not_known(sealer):
+    opened = sealer.open(sealer.seal(REFRESH, signed_in_at=None, grant_id=GRANT_ID))
+    assert (opened.signed_in_at, opened.grant_id) == (None, GRANT_ID)
+
+
+def test_each_seal_without_a_grant_id_starts_a_new_grant(sealer):
+    grants = {sealer.open(sealer.seal(REFRESH, SIGNED_IN_AT)).grant_id for _ in range(50)}
+    assert len(grants) == 50 and all(re.fullmatch(r"[0-9a-f]{32}", grant) for grant in grants)
+
+
+@pytest.mark.parametrize("signed_in_at", [0, -1, 2**63])
+def test_sign_in_time_outside_the_field_is_refused(sealer, signed_in_at):
+    with pytest.raises(ValueError):
+        sealer.seal(REFRESH, signed_in_at, GRANT_ID)
+
+
+@pytest.mark.parametrize("grant_id", ["00" * 15, "00" * 17, "not hex at all, 32 characters ok"])
+def test_grant_id_of_another_shape_is_refused(sealer, grant_id):
+    with pytest.raises(ValueError):
+        sealer.seal(REFRESH, SIGNED_IN_AT, grant_id)
 
 
 def test_token_length_is_header_nonce_plaintext_tag(sealer):
     for plaintext in ("x", REFRESH, "é" * 10):
         data = unb64url(sealer.seal(plaintext))
-        assert len(data) == 1 + 4 + 12 + len(plaintext.encode()) + 16
+        assert len(data) == 1 + 4 + 12 + 8 + 16 + len(plaintext.encode()) + 16
 
 
 def test_tokens_contain_only_url_safe_characters(sealer):
@@ -117,7 +186,7 @@ def test_nonce_differs_per_seal(sealer):
 
 def test_header_carries_version_and_key_id_of_first_secret(token):
     data = unb64url(token)
-    assert data[0] == 0x01
+    assert data[0] == 0x02
     assert data[REGIONS["key id"]] == key_id(SECRET_A)
     assert key_id(SECRET_A) != key_id(SECRET_B)
 
@@ -140,20 +209,41 @@ def test_construction_errors():
 @pytest.mark.parametrize("vector", KNOWN_ANSWERS, ids=lambda v: v["plaintext"][:8])
 def test_known_answer(vector):
     sealer = TokenSealer([vector["secret"]], vector["client_id"])
-    nonce = bytes.fromhex(vector["nonce"])
-    assert sealer._seal(vector["plaintext"], nonce) == vector["token"]
+    nonce, signed_in_at, grant_id = bytes.fromhex(vector["nonce"]), vector["signed_in_at"], vector["grant_id"]
+    assert sealer._seal(vector["plaintext"], nonce, signed_in_at, grant_id) == vector["token"]
     assert (
-        reference_seal(vector["secret"], vector["client_id"], nonce, vector["plaintext"])
+        reference_seal(
+            vector["secret"], vector["client_id"], nonce, vector["plaintext"], 2, signed_in_at, grant_id
+        )
         == vector["token"]
     )
-    assert sealer.open(vector["token"]) == Opened(vector["plaintext"], needs_reseal=False)
+    assert sealer.open(vector["token"]) == Opened(
+        vector["plaintext"], needs_reseal=False, signed_in_at=signed_in_at, grant_id=grant_id
+    )
+
+
+@pytest.mark.parametrize("vector", KNOWN_ANSWERS_V1, ids=lambda v: v["plaintext"][:8])
+def test_known_answer_of_version_1_opens_to_be_sealed_anew(vector):
+    """Sign-in time and grant id not known: never invented."""
+    nonce = bytes.fromhex(vector["nonce"])
+    assert reference_seal(vector["secret"], vector["client_id"], nonce, vector["plaintext"], 1) == vector["token"]
+    opened = TokenSealer([vector["secret"]], vector["client_id"]).open(vector["token"])
+    assert opened == Opened(vector["plaintext"], needs_reseal=True, signed_in_at=None, grant_id=None)
+
+
+def test_an_authentic_version_2_token_too_short_for_its_fields_is_refused(sealer):
+    data = bytearray(unb64url(reference_seal(SECRET_A, CLIENT_ID, bytes(12), "")))
+    assert len(data) == 1 + 4 + 12 + 24 + 16
+    with pytest.raises(InvalidToken):
+        sealer.open(b64url(bytes(data)))
 
 
 def test_reference_matches_random_nonces(sealer):
     for plaintext in ("x", REFRESH, "ünï"):
         token = sealer.seal(plaintext)
         nonce = unb64url(token)[REGIONS["nonce"]]
-        assert reference_seal(SECRET_A, CLIENT_ID, nonce, plaintext) == token
+        opened = sealer.open(token)
+        assert reference_seal(SECRET_A, CLIENT_ID, nonce, plaintext, 2, None, opened.grant_id) == token
 
 
 # Every way a token can be bad raises the one opaque InvalidToken
@@ -164,7 +254,7 @@ def test_flipped_bit_in_every_byte_of_region(sealer, token, region):
     data = unb64url(token)
     positions = range(len(data))[REGIONS[region]]
     assert positions
-    with_legacy = TokenSealer([SECRET_A], CLIENT_ID, legacy_secret=SECRET_A)
+    with_legacy = TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[LegacyCipher(SECRET_A)])
     for position in positions:
         for bit in range(8):
             damaged = bytearray(data)
@@ -196,7 +286,7 @@ def test_extended_text(sealer, token, suffix):
         sealer.open(token + suffix)
 
 
-@pytest.mark.parametrize("version", [0x00, 0x02, 0x80, 0xFF])
+@pytest.mark.parametrize("version", [0x00, 0x01, 0x03, 0x80, 0xFF])
 def test_wrong_version_byte(sealer, token, version):
     data = bytearray(unb64url(token))
     data[0] = version
@@ -204,7 +294,7 @@ def test_wrong_version_byte(sealer, token, version):
         sealer.open(b64url(bytes(data)))
 
 
-@pytest.mark.parametrize("version", [0x00, 0x02, 0xFF])
+@pytest.mark.parametrize("version", [0x00, 0x03, 0xFF])
 def test_authentic_token_of_unknown_version(sealer, version):
     """Correctly tagged under the right key, but a version this code does not know."""
     token = reference_seal(SECRET_A, CLIENT_ID, bytes(12), REFRESH, version=version)
@@ -294,8 +384,8 @@ def test_rotation_old_key_still_listed():
     rotated = TokenSealer([SECRET_B, SECRET_A], CLIENT_ID)
     new_token = rotated.seal(REFRESH)
     assert unb64url(new_token)[REGIONS["key id"]] == key_id(SECRET_B)
-    assert rotated.open(old_token) == Opened(REFRESH, needs_reseal=True)
-    assert rotated.open(new_token) == Opened(REFRESH, needs_reseal=False)
+    assert rotated.open(old_token).needs_reseal
+    assert not rotated.open(new_token).needs_reseal
 
 
 def test_rotation_old_key_removed():
@@ -346,14 +436,14 @@ def test_plus_cases_really_contain_plus():
 @pytest.mark.parametrize("case", legacy_cases(), ids=lambda c: c[1][:20])
 def test_legacy_token_opens_in_each_damaged_form(case, form):
     secret, plaintext, ciphertext = case
-    sealer = TokenSealer([SECRET_A], CLIENT_ID, legacy_secret=secret)
+    sealer = TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[LegacyCipher(secret)])
     assert sealer.open(damaged_forms(ciphertext)[form]) == Opened(plaintext, needs_reseal=True)
 
 
 @pytest.mark.parametrize("case", legacy_cases(), ids=lambda c: c[1][:20])
 def test_legacy_token_with_wrong_secret(case):
     secret, _, ciphertext = case
-    sealer = TokenSealer([SECRET_A], CLIENT_ID, legacy_secret=secret + "-but-wrong")
+    sealer = TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[LegacyCipher(secret + "-but-wrong")])
     for damaged in damaged_forms(ciphertext).values():
         with pytest.raises(InvalidToken):
             sealer.open(damaged)
@@ -370,7 +460,7 @@ def test_legacy_tokens_refused_when_legacy_is_off(case):
 )
 def test_legacy_plaintext_not_token_shaped(plaintext):
     ciphertext = legacy_token("s3cret", plaintext)
-    sealer = TokenSealer([SECRET_A], CLIENT_ID, legacy_secret="s3cret")
+    sealer = TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[LegacyCipher("s3cret")])
     with pytest.raises(InvalidToken):
         sealer.open(ciphertext)
 
@@ -380,12 +470,115 @@ def test_legacy_plaintext_not_token_shaped(plaintext):
 )
 def test_legacy_junk(junk):
     with pytest.raises(InvalidToken):
-        TokenSealer([SECRET_A], CLIENT_ID, legacy_secret="s3cret").open(junk)
+        TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[LegacyCipher("s3cret")]).open(junk)
 
 
 def test_legacy_does_not_change_own_tokens(sealer):
-    with_legacy = TokenSealer([SECRET_A], CLIENT_ID, legacy_secret="s3cret")
+    with_legacy = TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[LegacyCipher("s3cret")])
     for plaintext in ("x", REFRESH, "ünï"):
-        token = sealer.seal(plaintext)
-        assert with_legacy.open(token) == sealer.open(token) == Opened(plaintext, False)
-        assert with_legacy.open(with_legacy.seal(plaintext)) == Opened(plaintext, False)
+        token = sealer.seal(plaintext, SIGNED_IN_AT, GRANT_ID)
+        assert with_legacy.open(token) == sealer.open(token) == Opened(plaintext, False, "", SIGNED_IN_AT, GRANT_ID)
+        assert with_legacy.open(with_legacy.seal(plaintext)).refresh_token == plaintext
+
+
+# SpotifyAPIServer tokens, made by an independent implementation (pyca/cryptography's AESGCM)
+
+SAS_SECRET = "the SECRET_KEY of a SpotifyAPIServer, ünïcode too"
+
+
+def spotifyapiserver_token(secret_key: str, plaintext: str, nonce: bytes = b"\x07" * 12) -> str:
+    """As its Cryptography.swift makes one: AES.GCM.seal(...).combined, unpadded base64url."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key = hashlib.sha256(secret_key.encode("utf-8")).digest()
+    combined = nonce + AESGCM(key).encrypt(nonce, plaintext.encode("utf-8"), None)  # ciphertext || tag
+    return base64.urlsafe_b64encode(combined).rstrip(b"=").decode("ascii")
+
+
+# 131, 132 and 133 characters: the decoded token's length is 0, 1 and 2 modulo 3, so the unpadded text
+# needs no padding, "==" and "=" to decode.
+SAS_PLAINTEXTS = ["AQ" + "b" * 129, "AQ" + "c" * 130, "AQ" + "d" * 131]
+
+
+@pytest.fixture
+def sas_sealer() -> TokenSealer:
+    return TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[SpotifyAPIServerCipher(SAS_SECRET)])
+
+
+@pytest.mark.parametrize("plaintext", SAS_PLAINTEXTS, ids=lambda p: f"{len(p)} characters")
+def test_spotifyapiserver_token_opens_unpadded_and_padded(sas_sealer, plaintext):
+    token = spotifyapiserver_token(SAS_SECRET, plaintext)
+    padded = token + "=" * (-len(token) % 4)
+    expected = Opened(plaintext, needs_reseal=True, key="spotifyapiserver")
+    assert sas_sealer.open(token) == sas_sealer.open(padded) == expected
+    assert (expected.signed_in_at, expected.grant_id) == (None, None)
+
+
+def test_spotifyapiserver_padding_lengths_are_all_covered():
+    assert sorted(len(spotifyapiserver_token(SAS_SECRET, p)) % 4 for p in SAS_PLAINTEXTS) == [0, 2, 3]
+
+
+@pytest.mark.parametrize("plaintext", SAS_PLAINTEXTS[1:], ids=lambda p: f"{len(p)} characters")
+def test_spotifyapiserver_wrong_padding_is_refused(sas_sealer, plaintext):
+    token = spotifyapiserver_token(SAS_SECRET, plaintext)
+    right = -len(token) % 4
+    for count in {1, 2, 3, 4} - {right}:
+        with pytest.raises(InvalidToken):
+            sas_sealer.open(token + "=" * count)
+
+
+def test_spotifyapiserver_token_under_another_secret_or_altered_is_refused(sas_sealer):
+    with pytest.raises(InvalidToken):
+        sas_sealer.open(spotifyapiserver_token(SAS_SECRET + "x", SAS_PLAINTEXTS[0]))
+    data = bytearray(unb64url(spotifyapiserver_token(SAS_SECRET, SAS_PLAINTEXTS[0])))
+    for position in (0, 12, len(data) - 1):  # nonce, ciphertext, tag
+        damaged = bytearray(data)
+        damaged[position] ^= 1
+        with pytest.raises(InvalidToken):
+            sas_sealer.open(b64url(bytes(damaged)))
+
+
+@pytest.mark.parametrize("plaintext", ["", "not a token: spaces", "ünï"])
+def test_spotifyapiserver_plaintext_not_token_shaped_is_refused(sas_sealer, plaintext):
+    with pytest.raises(InvalidToken):
+        sas_sealer.open(spotifyapiserver_token(SAS_SECRET, plaintext))
+
+
+def test_spotifyapiserver_tokens_refused_without_its_secret(sealer):
+    with pytest.raises(InvalidToken):
+        sealer.open(spotifyapiserver_token(SAS_SECRET, SAS_PLAINTEXTS[0]))
+
+
+def test_spotifyapiserver_secret_must_not_be_empty():
+    with pytest.raises(ValueError):
+        SpotifyAPIServerCipher("")
+
+
+# Raw Spotify tokens, while UNSEALED_TOKENS_UNTIL has not passed
+
+
+def test_raw_token_opens_through_the_last_day_and_not_after():
+    end_of_day = datetime(2027, 3, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+    now = [end_of_day]
+    sealer = TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[UnsealedTokens(date(2027, 3, 31), lambda: now[0])])
+    assert sealer.open(REFRESH) == Opened(REFRESH, needs_reseal=True, key="unsealed")
+    now[0] += 1
+    with pytest.raises(InvalidToken):
+        sealer.open(REFRESH)
+
+
+@pytest.mark.parametrize("junk", ["", "has space", "x" * 2049, "ünï"])
+def test_raw_token_must_look_like_a_spotify_token(junk):
+    raw = UnsealedTokens(date(2999, 1, 1))
+    with pytest.raises(InvalidToken):
+        raw.open(junk)
+
+
+def test_fallbacks_are_tried_in_order_after_own_tokens(sealer):
+    both = TokenSealer(
+        [SECRET_A], CLIENT_ID, fallbacks=[SpotifyAPIServerCipher(SAS_SECRET), UnsealedTokens(date(2999, 1, 1))]
+    )
+    own = sealer.seal(REFRESH, SIGNED_IN_AT, GRANT_ID)
+    assert both.open(own).key == key_id(SECRET_A).hex()
+    assert both.open(spotifyapiserver_token(SAS_SECRET, REFRESH)).key == "spotifyapiserver"
+    assert both.open(REFRESH).key == "unsealed"

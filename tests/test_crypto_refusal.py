@@ -8,7 +8,7 @@ import pytest
 from Crypto.Cipher import AES
 
 import crypto
-from crypto import InvalidToken, TokenSealer, _b64url_decode, _b64url_encode, key_id
+from crypto import InvalidToken, LegacyCipher, TokenSealer, _b64url_decode, _b64url_encode, key_id
 
 CLIENT = "client-id"
 LISTED = ["a-listed-secret-0123456789", "an-older-secret-0123456789"]
@@ -71,7 +71,7 @@ def test_an_unlisted_key_id_goes_through_the_same_tag_check_as_a_listed_one(coun
 
 
 def test_with_a_legacy_secret_both_refusals_try_the_legacy_opener_too(counting: CountingAES) -> None:
-    sealer = TokenSealer(LISTED, CLIENT, legacy_secret="legacy")
+    sealer = TokenSealer(LISTED, CLIENT, fallbacks=[LegacyCipher("legacy")])
     token = sealer.seal("AQ-token")
     for bad in (altered(token, flip_tag=True), altered(token, kid=key_id("a-secret-nobody-listed-0123"))):
         with pytest.raises(InvalidToken):

@@ -667,6 +667,9 @@ class TokenFormat:
     aad: list[str]
     max_chars: int
     example: tuple[int, int, int]  # plaintext characters -> bytes, characters
+    plaintext_offsets: list[str]
+    plaintext_fields: list[str]
+    plaintext_sizes: dict[str, int]
 
 
 def token_format() -> TokenFormat:
@@ -684,6 +687,14 @@ def token_format() -> TokenFormat:
         name: int(match.group(1))
         for name, value in zip(fields, values)
         if (match := re.fullmatch(r"(\d+) bytes(, random)?", value))
+    }
+    (plaintext_offsets,) = [line.split()[2:] for line in lines if line.strip().startswith("plaintext offset ")]
+    plaintext_fields = row(r"^\s*\|\s*signed in at\s*\|")
+    plaintext_values = row(r"^\s*\|\s*8 bytes, big-endian\s*\|")
+    plaintext_sizes = {
+        name: int(match.group(1))
+        for name, value in zip(plaintext_fields, plaintext_values)
+        if (match := re.match(r"(\d+) bytes", value))
     }
     derivations = {
         match[1]: (match[2].encode(), match[3].encode(), int(match[4]))
@@ -706,6 +717,9 @@ def token_format() -> TokenFormat:
         aad=aad.group(1).split(" || "),
         max_chars=int(max_chars.group(1)),
         example=tuple(int(n) for n in example.groups()),  # type: ignore[arg-type]  # a fixed-size tuple of the regex's groups
+        plaintext_offsets=plaintext_offsets,
+        plaintext_fields=plaintext_fields,
+        plaintext_sizes=plaintext_sizes,
     )
 
 
@@ -732,39 +746,58 @@ def test_token_format_page_matches_the_constants_in_crypto():
     assert fmt.derivations["key"][2] == 32, "AES-256"
     assert fmt.derivations["key id"][2] == crypto.KEY_ID_SIZE
     assert fmt.max_chars == crypto.MAX_TOKEN_CHARS
+    assert fmt.plaintext_fields == ["signed in at", "grant id", "Spotify refresh token"]
+    assert fmt.plaintext_sizes == {"signed in at": crypto.SIGNED_IN_SIZE, "grant id": crypto.GRANT_ID_SIZE}
+    assert fmt.plaintext_offsets == ["0", str(crypto.SIGNED_IN_SIZE), str(crypto.GRANT_SIZE)]
 
 
-def _documented_parts(fmt: TokenFormat, secret: str, client_id: str) -> tuple[bytes, bytes, bytes]:
+def _documented_parts(fmt: TokenFormat, secret: str, client_id: str, version: int) -> tuple[bytes, bytes, bytes]:
     """(key, header, associated data) for a secret, derived only from what the page says."""
     key, kid = (
         HKDF(secret.encode("utf-8"), length, salt, SHA256, context=info)
         for salt, info, length in (fmt.derivations["key"], fmt.derivations["key id"])
     )
-    parts = {"version": bytes([fmt.version]), "key id": kid, "Spotify client id (UTF-8)": client_id.encode("utf-8")}
+    parts = {"version": bytes([version]), "key id": kid, "Spotify client id (UTF-8)": client_id.encode("utf-8")}
     header = parts["version"] + parts["key id"]
     return key, header, b"".join(parts[name] for name in fmt.aad)
 
 
-def test_a_token_built_from_the_page_opens_and_a_sealed_token_reads_by_the_page():
-    fmt = token_format()
-    secret, client_id, plaintext = "a documented secret, 32 chars ok", "documented-client", "AQ-refresh-token_é"
-    key, header, aad = _documented_parts(fmt, secret, client_id)
-    sealer = crypto.TokenSealer([secret], client_id)
-
+def _build_from_page(fmt: TokenFormat, key: bytes, header: bytes, aad: bytes, plaintext: bytes) -> str:
     nonce = bytes(range(fmt.sizes["nonce"]))
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=fmt.sizes["tag"])
     cipher.update(aad)
-    ciphertext, tag = cipher.encrypt_and_digest(plaintext.encode("utf-8"))
-    built = base64.urlsafe_b64encode(header + nonce + ciphertext + tag).rstrip(b"=").decode("ascii")
-    assert sealer.open(built) == crypto.Opened(plaintext, needs_reseal=False)
+    ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+    return base64.urlsafe_b64encode(header + nonce + ciphertext + tag).rstrip(b"=").decode("ascii")
 
-    sealed = sealer.seal(plaintext)
+
+def test_a_token_built_from_the_page_opens_and_a_sealed_token_reads_by_the_page():
+    fmt = token_format()
+    secret, client_id, refresh = "a documented secret, 32 chars ok", "documented-client", "AQ-refresh-token_é"
+    key, header, aad = _documented_parts(fmt, secret, client_id, fmt.version)
+    sealer = crypto.TokenSealer([secret], client_id)
+    signed_in_at, grant = 1_780_000_000, bytes(range(100, 100 + fmt.plaintext_sizes["grant id"]))
+    plaintext = signed_in_at.to_bytes(fmt.plaintext_sizes["signed in at"], "big") + grant + refresh.encode("utf-8")
+
+    built = _build_from_page(fmt, key, header, aad, plaintext)
+    assert sealer.open(built) == crypto.Opened(
+        refresh, needs_reseal=False, signed_in_at=signed_in_at, grant_id=grant.hex()
+    )
+
+    sealed = sealer.seal(refresh, signed_in_at=signed_in_at, grant_id=grant.hex())
     data = base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))
     body_at, tag_at = int(fmt.offsets[3]), len(data) - fmt.sizes["tag"]
     assert data[: int(fmt.offsets[2])] == header
     cipher = AES.new(key, AES.MODE_GCM, nonce=data[int(fmt.offsets[2]) : body_at], mac_len=fmt.sizes["tag"])
     cipher.update(aad)
-    assert cipher.decrypt_and_verify(data[body_at:tag_at], data[tag_at:]).decode("utf-8") == plaintext
+    assert cipher.decrypt_and_verify(data[body_at:tag_at], data[tag_at:]) == plaintext
+
+
+def test_a_version_1_token_built_from_the_page_opens_without_sign_in_time():
+    fmt = token_format()
+    secret, client_id, refresh = "a documented secret, 32 chars ok", "documented-client", "AQ-refresh-token_é"
+    key, header, aad = _documented_parts(fmt, secret, client_id, 0x01)
+    built = _build_from_page(fmt, key, header, aad, refresh.encode("utf-8"))
+    assert crypto.TokenSealer([secret], client_id).open(built) == crypto.Opened(refresh, needs_reseal=True)
 
 
 def test_token_format_page_example_length_is_true():

@@ -101,14 +101,18 @@ def test_rotating_encryption_secret_reseals_under_the_new_key_and_drops_the_old(
 
     with Server(server_env(fake.url, ENCRYPTION_SECRET=SECRET_A)) as server:
         under_a = swap(server, code)
-    assert TokenSealer([SECRET_A], CLIENT_ID).open(under_a) == Opened(raw)
+    first = TokenSealer([SECRET_A], CLIENT_ID).open(under_a)
+    assert first.refresh_token == raw and first.signed_in_at is not None
 
     # Restart with the new secret first and the old one still listed.
     with Server(server_env(fake.url, ENCRYPTION_SECRET=f"{SECRET_B},{SECRET_A}")) as server:
         fake.reset()
         under_b = json_answer(send(server, "/refresh", {"refresh_token": under_a}), 200)["refresh_token"]
         assert refreshed_with(fake) == [raw]
-        assert TokenSealer([SECRET_B], CLIENT_ID).open(under_b) == Opened(raw)
+        # The same sign-in, under the new key: its lifetime goes on.
+        assert TokenSealer([SECRET_B], CLIENT_ID).open(under_b) == Opened(
+            raw, signed_in_at=first.signed_in_at, grant_id=first.grant_id
+        )
         with pytest.raises(InvalidToken):
             TokenSealer([SECRET_A], CLIENT_ID).open(under_b)
         # A token already under the first key is not re-sealed again.
@@ -169,7 +173,8 @@ def assert_migrates(server: Server, fake, token: str, plaintext: str, damage: st
     body = json_answer(response, 200)
     assert refreshed_with(fake) == [plaintext], (damage, token)
     migrated = body["refresh_token"]
-    assert NEW_SEALER.open(migrated) == Opened(plaintext, needs_reseal=False)
+    opened = NEW_SEALER.open(migrated)
+    assert (opened.refresh_token, opened.needs_reseal, opened.signed_in_at) == (plaintext, False, None)
 
     fake.reset()
     again = json_answer(send(server, "/refresh", {"refresh_token": migrated}), 200)

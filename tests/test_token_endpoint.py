@@ -293,7 +293,7 @@ def test_check_passes_a_good_deployment(cli, spotify):
     lines = result.output.splitlines()
     assert [line.split()[0] for line in lines[:3]] == ["ok", "ok", "ok"]
     assert any("myapp://callback" in line and "https://example.com/callback" in line for line in lines)
-    assert any("key ids" in line for line in lines) and any("legacy tokens are read" in line for line in lines)
+    assert any("key ids" in line for line in lines) and any("tokens of the legacy Ruby/Sinatra services are read" in line for line in lines)
     for secret in (CLIENT_SECRET, BASE_CONFIG["ENCRYPTION_SECRET"], "old-secret"):
         assert secret not in result.output
 
