@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -132,6 +133,16 @@ def seal(
     raw: str, *secrets: str, client_id: str = CLIENT_ID, signed_in_at: int | None = None, grant_id: str | None = None
 ) -> str:
     return TokenSealer(list(secrets or [SECRET]), client_id).seal(raw, signed_in_at, grant_id)
+
+
+def spotifyapiserver_token(secret_key: str, plaintext: str, nonce: bytes = b"\x07" * 12) -> str:
+    """A token as Peter Schorn's SpotifyAPIServer seals one (its Cryptography.swift: AES.GCM.seal(...).combined,
+    unpadded base64url), made with pyca/cryptography's AESGCM: an implementation apart from crypto.py's."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key = hashlib.sha256(secret_key.encode("utf-8")).digest()
+    combined = nonce + AESGCM(key).encrypt(nonce, plaintext.encode("utf-8"), None)  # ciphertext || tag
+    return base64.urlsafe_b64encode(combined).rstrip(b"=").decode("ascii")
 
 
 def unseal(token: str, *secrets: str) -> Opened:

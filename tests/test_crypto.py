@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 from datetime import date, datetime, timezone
 
@@ -22,7 +21,7 @@ from crypto import (
     key_id,
 )
 from devtools.legacy import legacy_token
-from tests.helpers import legacy_vectors
+from tests.helpers import legacy_vectors, spotifyapiserver_token
 
 SECRET_A = "secret-a-0123456789abcdefghijklmnop"
 SECRET_B = "secret-b-0123456789abcdefghijklmnop"
@@ -484,15 +483,6 @@ def test_legacy_does_not_change_own_tokens(sealer):
 # SpotifyAPIServer tokens, made by an independent implementation (pyca/cryptography's AESGCM)
 
 SAS_SECRET = "the SECRET_KEY of a SpotifyAPIServer, ünïcode too"
-
-
-def spotifyapiserver_token(secret_key: str, plaintext: str, nonce: bytes = b"\x07" * 12) -> str:
-    """As its Cryptography.swift makes one: AES.GCM.seal(...).combined, unpadded base64url."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    key = hashlib.sha256(secret_key.encode("utf-8")).digest()
-    combined = nonce + AESGCM(key).encrypt(nonce, plaintext.encode("utf-8"), None)  # ciphertext || tag
-    return base64.urlsafe_b64encode(combined).rstrip(b"=").decode("ascii")
 
 
 # 131, 132 and 133 characters: the decoded token's length is 0, 1 and 2 modulo 3, so the unpadded text

@@ -4,11 +4,7 @@ REFRESH_TOKEN_LIFETIME, what a client is told when Spotify ends it, and the toke
 
 from __future__ import annotations
 
-import base64
-import hashlib
-
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tests.helpers import (
     CODE,
@@ -20,6 +16,7 @@ from tests.helpers import (
     expect,
     refresh_form,
     seal,
+    spotifyapiserver_token,
     swap_form,
     unseal,
 )
@@ -28,12 +25,6 @@ DAY = 86400
 DEFAULT_LIFETIME = 184 * DAY
 GRANT_ID = "fedcba9876543210fedcba9876543210"
 SAS_SECRET = "SpotifyAPIServer's SECRET_KEY"
-
-
-def spotifyapiserver_token(plaintext: str) -> str:
-    """As SpotifyAPIServer seals one (an implementation apart from crypto.py's)."""
-    key, nonce = hashlib.sha256(SAS_SECRET.encode()).digest(), b"\x01" * 12
-    return base64.urlsafe_b64encode(nonce + AESGCM(key).encrypt(nonce, plaintext.encode(), None)).rstrip(b"=").decode()
 
 
 def signed_in(clock, days_ago: float, raw: str = RAW_REFRESH) -> str:
@@ -119,14 +110,14 @@ def test_spotify_refusing_the_token_says_whether_it_was_past_its_lifetime(client
 def test_a_spotifyapiserver_token_refreshes_and_comes_back_sealed_here(make_client, spotify):
     expect(spotify, refresh_form(), json=TOKENS)
     client = make_client(SPOTIFYAPISERVER_SECRET_KEY=SAS_SECRET)
-    body = assert_token_answer(client.post("/refresh", data={"refresh_token": spotifyapiserver_token(RAW_REFRESH)}))
+    body = assert_token_answer(client.post("/refresh", data={"refresh_token": spotifyapiserver_token(SAS_SECRET, RAW_REFRESH)}))
     migrated = unseal(body["refresh_token"])
     assert (migrated.refresh_token, migrated.signed_in_at) == (RAW_REFRESH, None)
     assert "refresh_token_expires_in" not in body
 
 
 def test_a_spotifyapiserver_token_without_its_secret_is_invalid_grant(client, spotify):
-    response = client.post("/refresh", data={"refresh_token": spotifyapiserver_token(RAW_REFRESH)})
+    response = client.post("/refresh", data={"refresh_token": spotifyapiserver_token(SAS_SECRET, RAW_REFRESH)})
     assert_error(response, 400, "invalid_grant", "Invalid refresh token")
     assert len(spotify.calls) == 0
 

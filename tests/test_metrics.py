@@ -13,7 +13,7 @@ from config import load_config
 from crypto import TokenSealer, key_id
 from devtools.fake_accounts import CLIENT_ID
 from devtools.legacy import legacy_token
-from tests.helpers import TOKEN_URL, app_for
+from tests.helpers import TOKEN_URL, app_for, spotifyapiserver_token
 
 TOKEN = "metrics-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -204,3 +204,32 @@ def test_the_server_empties_a_directory_that_is_set_and_keeps_it(monkeypatch, tm
     (directory / "counter_42.db").write_bytes(b"old")
     metrics.mark_dead(42)
     assert sorted(p.name for p in directory.iterdir()) == ["README", "counter_42.db"]
+
+
+def test_token_age_expiry_refusals_and_other_formats_are_counted(config, spotify, clock):
+    client = app_for(
+        {**config, "METRICS_TOKEN": TOKEN, "REFRESH_TOKEN_LIFETIME": "30d",
+         "SPOTIFYAPISERVER_SECRET_KEY": "swift secret", "UNSEALED_TOKENS_UNTIL": "2999-12-31"},
+        clock,
+    ).test_client()
+    found = samples(client)
+    assert value(found, "tokenswap_grants_refused_total", reason="expired") == 0  # there from the start
+    assert value(found, "tokenswap_tokens_opened_total", key="spotifyapiserver") == 0
+    spotify.post(TOKEN_URL, json=TOKENS)
+    sealer = TokenSealer([config["ENCRYPTION_SECRET"]], CLIENT_ID)
+    now = int(clock.now)
+    for token, status in [
+        (sealer.seal("AQDweek", signed_in_at=now - 7 * 86400 - 5), 200),
+        (sealer.seal("AQDold", signed_in_at=now - 30 * 86400), 400),  # the lifetime's end: refused
+        (sealer.seal("AQDunknown"), 200),  # no sign-in time: no age
+        (spotifyapiserver_token("swift secret", "AQDswift"), 200),
+        ("AQDraw-spotify-token", 200),
+    ]:
+        assert client.post("/refresh", data={"refresh_token": token}).status_code == status
+    found = samples(client)
+    assert value(found, "tokenswap_token_age_at_refresh_days_count") == 1
+    assert value(found, "tokenswap_token_age_at_refresh_days_bucket", le="7.0") == 0
+    assert value(found, "tokenswap_token_age_at_refresh_days_bucket", le="30.0") == 1
+    assert value(found, "tokenswap_grants_refused_total", reason="expired") == 1
+    assert value(found, "tokenswap_tokens_opened_total", key="spotifyapiserver") == 1
+    assert value(found, "tokenswap_tokens_opened_total", key="unsealed") == 1
