@@ -1,8 +1,8 @@
 """Where the rate limits are counted: this process's memory or Redis, built from RATE_LIMIT_STORAGE_URI.
 
-The counting itself is the `limits` library's sliding-window counter; this module builds its storage
-(Redis with socket timeouts on every scheme the configuration accepts) and supplies `ProcessMemory`,
-a cheaper memory storage for memory://.
+The counting itself is the `limits` library's (its sliding-window counter, and its moving window for the
+refreshes of a token); this module builds its storage (Redis with socket timeouts on every scheme the
+configuration accepts) and supplies `ProcessMemory`, a cheaper memory storage for memory://.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from limits import parse_many
 from limits.storage import Storage, storage_from_string
-from limits.storage.base import SlidingWindowCounterSupport, TimestampedSlidingWindow
+from limits.storage.base import MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow
 
 # How long a Redis command, or a connection to Redis, may take before the storage counts as down.
 # redis-py waits forever by default: a Redis that stops answering would hang every request.
@@ -115,12 +115,15 @@ class StorageWatch:
         return forgot
 
 
-class ProcessMemory(Storage, SlidingWindowCounterSupport, TimestampedSlidingWindow):
-    """A limits storage in this process's memory (memory://), for the sliding-window counters.
+class ProcessMemory(Storage, SlidingWindowCounterSupport, TimestampedSlidingWindow, MovingWindowSupport):
+    """A limits storage in this process's memory (memory://), for the sliding-window counters and the
+    moving windows (limits' storage interfaces; the strategies that decide are limits').
 
     limits' own MemoryStorage rescans every key from a timer every 10 ms while any key lives: with a
     key per refresh token (tens of thousands in a busy minute) that scan cost more CPU than the
     requests. Here an expired key is dropped when it is read, and the rest once a second.
+    Every decision (read the counts, then count) is taken under one lock, so that concurrent requests
+    (threads under `flask run`, greenlets anywhere) cannot both take the last unit.
     `clock` is the wall clock the windows are cut from (tests pass their own).
     """
 
@@ -136,7 +139,9 @@ class ProcessMemory(Storage, SlidingWindowCounterSupport, TimestampedSlidingWind
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
         self._clock = clock
         self._counts: dict[str, tuple[int, float]] = {}  # key: (count, expires at)
-        self._lock = threading.Lock()
+        self._events: dict[str, tuple[list[float], float]] = {}  # key: (its entries' times, oldest first; expires at)
+        # Reentrant: a decision holds it across the reads and the count it makes.
+        self._lock = threading.RLock()
         self._sweep_at = 0.0
 
     @property
@@ -150,16 +155,23 @@ class ProcessMemory(Storage, SlidingWindowCounterSupport, TimestampedSlidingWind
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
         now = self._clock()
         with self._lock:
-            if now >= self._sweep_at:
-                self._sweep_at = now + 1.0
-                for stale in [k for k, (_, expires) in self._counts.items() if expires <= now]:
-                    del self._counts[stale]
+            self._sweep(now)
             count, expires = self._live(key, now)
             self._counts[key] = (count + amount, expires or now + expiry)
             return count + amount
 
+    def _sweep(self, now: float) -> None:
+        # Under the lock: at most once a second, every expired key goes.
+        if now >= self._sweep_at:
+            self._sweep_at = now + 1.0
+            for stale in [k for k, (_, expires) in self._counts.items() if expires <= now]:
+                del self._counts[stale]
+            for stale in [k for k, (_, expires) in self._events.items() if expires <= now]:
+                del self._events[stale]
+
     def get(self, key: str) -> int:
-        return self._live(key, self._clock())[0]
+        with self._lock:
+            return self._live(key, self._clock())[0]
 
     def get_expiry(self, key: str) -> float:
         now = self._clock()
@@ -170,13 +182,15 @@ class ProcessMemory(Storage, SlidingWindowCounterSupport, TimestampedSlidingWind
 
     def reset(self) -> int | None:
         with self._lock:
-            cleared = len(self._counts)
+            cleared = len(self._counts) + len(self._events)
             self._counts.clear()
+            self._events.clear()
         return cleared
 
     def clear(self, key: str) -> None:
         with self._lock:
             self._counts.pop(key, None)
+            self._events.pop(key, None)
 
     def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         # limits' formula: the previous window's count weighs as much of it as is still inside the
@@ -191,13 +205,37 @@ class ProcessMemory(Storage, SlidingWindowCounterSupport, TimestampedSlidingWind
     def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         if amount > limit:
             return False
-        now = self._clock()
-        previous, previous_ttl, current, _ = self.get_sliding_window(key, expiry)
-        if math.floor(previous * previous_ttl / expiry + current) + amount > limit:
+        with self._lock:  # read and count as one step: no other request takes the same last unit
+            now = self._clock()
+            previous, previous_ttl, current, _ = self.get_sliding_window(key, expiry)
+            if math.floor(previous * previous_ttl / expiry + current) + amount > limit:
+                return False
+            _, current_key = self.sliding_window_keys(key, expiry, now)
+            self.incr(current_key, 2 * expiry, amount)
+            return True
+
+    def _entries(self, key: str, expiry: int, now: float) -> list[float]:
+        # The times of the key's entries in the moving window that ends now: younger than expiry seconds.
+        times = self._events.get(key, ((), 0.0))[0]
+        return [at for at in times if at > now - expiry]
+
+    def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
             return False
-        _, current_key = self.sliding_window_keys(key, expiry, now)
-        self.incr(current_key, 2 * expiry, amount)
-        return True
+        with self._lock:
+            now = self._clock()
+            self._sweep(now)
+            entries = self._entries(key, expiry, now)
+            if len(entries) + amount > limit:
+                return False
+            self._events[key] = (entries + [now] * amount, now + expiry)
+            return True
+
+    def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        with self._lock:
+            now = self._clock()
+            entries = self._entries(key, expiry, now)
+        return (entries[0], len(entries)) if entries else (now, 0)
 
     def clear_sliding_window(self, key: str, expiry: int) -> None:
         for window in self.sliding_window_keys(key, expiry, self._clock()):

@@ -21,7 +21,8 @@ from typing import TypeVar
 
 from flask import Flask, Response, current_app, g, request
 from limits import RateLimitItem, parse_many
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.storage import Storage
+from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 import logs
 from admission import Admission, WindowCount
@@ -30,8 +31,9 @@ from limitstore import ProcessMemory, StorageWatch, storage_for
 
 T = TypeVar("T")
 
-# After a storage error, how long to count in this process's memory before trying the storage again.
-STORAGE_RETRY_SECONDS = 5.0
+# While a shared storage is down, it is asked whether it is back after 1, 2, 4, ... 2**MAX_STORAGE_CHECKS
+# seconds, then from 1 s again: flask-limiter's back-off (its MAX_BACKEND_CHECKS).
+MAX_STORAGE_CHECKS = 5
 # How many more calls in flight an address earns, at most, by calls of its that succeeded: room for
 # the users behind one carrier NAT, and the most a burst of junk can overshoot the failure budget.
 SUCCESS_ROOM = 10
@@ -204,6 +206,21 @@ def _log_bad_address(spelling: str) -> None:
 # -- the counts -----------------------------------------------------------------------------------
 
 
+class Strategies:
+    """limits' strategies on one storage: its sliding-window counter for the failure budgets and the
+    ceiling on calls to Spotify (an approximation that may count a little more or less than happened,
+    fine for budgets of dozens), and its moving window for a token's refreshes, which is exact: a client
+    that refreshes within its rate is never refused (a token's few entries are cheap to keep)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.counter = SlidingWindowCounterRateLimiter(storage)
+        self.moving = MovingWindowRateLimiter(storage)
+
+    def of(self, namespace: str) -> SlidingWindowCounterRateLimiter | MovingWindowRateLimiter:
+        """The strategy that counts this namespace: "token" (refreshes), or "failures" and "spotify"."""
+        return self.moving if namespace == "token" else self.counter
+
+
 def _retry_after(reset_at: float) -> int:
     # Rounded up, so that a client that waits exactly this long is never refused again.
     return max(1, math.ceil(reset_at - time.time()))
@@ -234,21 +251,28 @@ class Limits:
         per_token: str | None = None,
         wait: float = 10.0,
         logger: logging.Logger = log,
+        storage: Storage | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """`storage`: the one to count in (default: built from `storage_uri`); a storage other than this
+        process's memory is shared, and falls back to memory while it is down. `clock` times the back-off."""
         self._log = logger
         self._wait = wait
         self._failures: list[RateLimitItem] = parse_many(failures) if failures else []
         self._ceilings: list[RateLimitItem] = parse_many(ceiling) if ceiling else []
         self._per_token: list[RateLimitItem] = parse_many(per_token) if per_token else []
-        storage = storage_for(storage_uri)
-        self._counter = SlidingWindowCounterRateLimiter(storage)
-        shared = not storage_uri.startswith("memory://")
+        self._storage = storage_for(storage_uri) if storage is None else storage
+        self._shared = Strategies(self._storage)
+        shared = not isinstance(self._storage, ProcessMemory)
         # A shared storage that stops answering must not take the service down: count in this
         # process's memory meanwhile. One that forgets its counts is said in the log.
-        self._fallback = SlidingWindowCounterRateLimiter(ProcessMemory()) if shared else None
-        self._watch = StorageWatch(storage, logger) if shared else None
+        self._fallback = Strategies(ProcessMemory()) if shared else None
+        self._watch = StorageWatch(self._storage, logger) if shared else None
+        self._clock = clock
         self._storage_lock = threading.Lock()
-        self._storage_down_until = 0.0
+        self._down = False  # the shared storage failed, and has not answered check() since
+        self._checks = 0  # how many times check() was asked since, in this round of the back-off
+        self._checked_at = 0.0
         # Successful calls per client in this process, one count per failure limit over a window
         # as long as the limit's. Not a limit, so not the limits library's: its memory storage
         # costs an expiry timer per count, on the path of every successful request.
@@ -265,14 +289,14 @@ class Limits:
     def check(self, key: str) -> None:
         """Raise Refused if this client has no failures left in its budget."""
         for item in self._failures:
-            if not self._use(lambda c: c.test(item, "failures", key)):
-                reset_at = self._use(lambda c: c.get_window_stats(item, "failures", key)).reset_time
+            if not self._use(lambda c: c.counter.test(item, "failures", key)):
+                reset_at = self._use(lambda c: c.counter.get_window_stats(item, "failures", key)).reset_time
                 raise Refused(_retry_after(reset_at), Refused.FAILURES)
 
     def count_failure(self, key: str) -> None:
         """Count one failed request against this client."""
         for item in self._failures:
-            self._use(lambda c: c.hit(item, "failures", key))
+            self._use(lambda c: c.counter.hit(item, "failures", key))
 
     def count_success(self, key: str) -> None:
         """Count one successful request of this client (never shared: it only sizes admit)."""
@@ -293,7 +317,7 @@ class Limits:
         if refresh_token is not None:
             token = _token_key(refresh_token)
             for item in self._per_token:
-                if not self._use(lambda c: c.test(item, "token", token)):
+                if not self._use(lambda c: c.moving.test(item, "token", token)):
                     raise Refused(self._reset(item, "token", token), Refused.TOKEN)
             spend += [(item, "token", token) for item in self._per_token]
         if self._failures:
@@ -313,7 +337,7 @@ class Limits:
         # successes earned, under every failure limit.
         room = []
         for item, successes in zip(self._failures, self._successes):
-            stats = self._use(lambda c: c.get_window_stats(item, "failures", key))
+            stats = self._use(lambda c: c.counter.get_window_stats(item, "failures", key))
             if stats.remaining <= 0:
                 raise Refused(_retry_after(stats.reset_time), Refused.FAILURES)
             room.append(stats.remaining + self._earned(successes, key))
@@ -330,9 +354,9 @@ class Limits:
 
     def _spend(self, spend: list[tuple[RateLimitItem, str] | tuple[RateLimitItem, str, str]]) -> None:
         # Test every ceiling before spending any, so a refused call spends none of them.
-        def hit(counter: SlidingWindowCounterRateLimiter) -> list[tuple[RateLimitItem, str] | tuple[RateLimitItem, str, str]]:
-            full = [entry for entry in spend if not counter.test(*entry)]
-            return full or [entry for entry in spend if not counter.hit(*entry)]
+        def hit(strategies: Strategies) -> list[tuple[RateLimitItem, str] | tuple[RateLimitItem, str, str]]:
+            full = [entry for entry in spend if not strategies.of(entry[1]).test(*entry)]
+            return full or [entry for entry in spend if not strategies.of(entry[1]).hit(*entry)]
 
         full = self._use(hit) if spend else []
         if full:
@@ -341,39 +365,57 @@ class Limits:
             raise Refused(retry_after, Refused.TOKEN if token else Refused.CEILING)
 
     def _reset(self, item: RateLimitItem, *identifiers: str) -> int:
-        return _retry_after(self._use(lambda c: c.get_window_stats(item, *identifiers)).reset_time)
+        return _retry_after(self._use(lambda c: c.of(identifiers[0]).get_window_stats(item, *identifiers)).reset_time)
 
-    def _use(self, operation: Callable[[SlidingWindowCounterRateLimiter], T]) -> T:
+    def _use(self, operation: Callable[[Strategies], T]) -> T:
+        """`operation` on the storage's strategies, or on this process's memory while a shared storage
+        is down (flask-limiter's in-memory fallback: an error marks it down, the operation is done in
+        memory, and the storage's check() says when it is back, tried after 1, 2, 4 ... 32 s)."""
         if self._fallback is None:
-            return operation(self._counter)
-        with self._storage_lock:
-            now = time.monotonic()
-            ask = now >= self._storage_down_until
-            # After an outage, one request at a time tries the storage again; the others keep
-            # counting in memory rather than each waiting out a connect timeout.
-            probing = ask and self._storage_down_until > 0
-            if probing:
-                self._storage_down_until = now + STORAGE_RETRY_SECONDS
-        if ask:
+            return operation(self._shared)
+        if self._down and not self._back():
+            return operation(self._fallback)
+        try:
+            result = operation(self._shared)
+        except Exception as err:
+            self._went_down(err)
+            return operation(self._fallback)
+        if self._watch is not None and self._watch.due():
             try:
-                result = operation(self._counter)
-            except Exception as err:
-                with self._storage_lock:
-                    self._storage_down_until = time.monotonic() + STORAGE_RETRY_SECONDS
-                # The error's type and text (host and port, never a password), no traceback.
-                self._log.error(
-                    "Rate limit storage unreachable (%s: %s); counting in this worker's memory "
-                    "for the next %.0f s",
-                    type(err).__name__, err, STORAGE_RETRY_SECONDS,
-                )
-            else:
-                if probing:
-                    with self._storage_lock:
-                        self._storage_down_until = 0.0
-                if self._watch is not None and self._watch.due():
-                    try:
-                        self._watch.look()
-                    except Exception:  # an outage: the next operation meets it, and says so
-                        pass
-                return result
-        return operation(self._fallback)
+                self._watch.look()
+            except Exception:  # an outage: the next operation meets it, and says so
+                pass
+        return result
+
+    def _went_down(self, err: Exception) -> None:
+        with self._storage_lock:
+            if self._down:
+                return
+            self._down, self._checks, self._checked_at = True, 0, self._clock()
+        # The error's type and text (host and port, never a password), no traceback; once per outage.
+        self._log.error(
+            "Rate limit storage unreachable (%s: %s); counting in this worker's memory until it answers "
+            "again (looked for after 1, 2, 4 ... 32 s)", type(err).__name__, err,
+        )
+
+    def _back(self) -> bool:
+        """Whether the storage is back: asked (check(), a PING within its 1 s timeout) by one request at a
+        time, once its back-off has passed; the others count in memory meanwhile."""
+        with self._storage_lock:
+            if not self._down:
+                return True
+            now = self._clock()
+            if self._checks > MAX_STORAGE_CHECKS:
+                self._checks = 0
+            if now - self._checked_at <= 2 ** self._checks:
+                return False
+            self._checked_at, self._checks = now, self._checks + 1
+        try:
+            answers = bool(self._storage.check())
+        except Exception:
+            answers = False
+        if answers:
+            with self._storage_lock:
+                self._down = False
+            self._log.warning("Rate limit storage answers again: counting there again")
+        return answers

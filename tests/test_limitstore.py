@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import contextlib
 import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import limits.storage.memory
@@ -13,7 +17,9 @@ import pytest
 import redis
 from limits import parse
 from limits.storage import RedisClusterStorage, RedisSentinelStorage, RedisStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.storage import Storage
+from limits.storage.base import MovingWindowSupport, SlidingWindowCounterSupport
+from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from devtools.process import free_port
 from devtools.redis import RedisServer
@@ -71,6 +77,166 @@ def test_process_memory_forgets_expired_keys():
 def test_memory_uri_is_process_memory():
     assert isinstance(storage_for("memory://"), ProcessMemory)
     assert storage_options("memory://") == {}
+
+
+def test_process_memorys_moving_window_decides_as_limits_memory_storage_does(monkeypatch):
+    """The moving window (a token's refreshes): the same decisions as limits' MemoryStorage."""
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(limits.storage.memory.time, "time", lambda: now[0])
+    ours = MovingWindowRateLimiter(ProcessMemory(clock=lambda: now[0]))
+    reference = limits.storage.memory.MemoryStorage()
+    theirs = MovingWindowRateLimiter(reference)
+    item = parse("3/minute")
+    decisions = []
+    try:
+        for step in [0, 1, 1, 2, 30, 57.5, 0.25, 1, 20, 40, 59, 61, 62, 200]:
+            now[0] += step
+            decisions.append((ours.hit(item, "k"), theirs.hit(item, "k")))
+            assert ours.get_window_stats(item, "k") == theirs.get_window_stats(item, "k")
+    finally:
+        reference.timer.cancel()
+    assert all(a == b for a, b in decisions), decisions
+    assert {a for a, _ in decisions} == {True, False}
+
+
+def test_process_memory_counts_concurrent_hits_exactly():
+    """Reading the counts and counting are one step: threads (a threaded `flask run`) hitting at once
+    never take the same last unit, so exactly the limit gets through."""
+    item = parse("200/hour")
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: a race has every chance
+    try:
+        for _ in range(5):
+            storage = ProcessMemory()
+            for strategy in (SlidingWindowCounterRateLimiter(storage), MovingWindowRateLimiter(storage)):
+                start = threading.Barrier(8)
+
+                def hits(strategy=strategy, start=start) -> int:
+                    start.wait()
+                    return sum(strategy.hit(item, "k") for _ in range(60))
+
+                with ThreadPoolExecutor(8) as pool:
+                    assert sum(pool.map(lambda _: hits(), range(8))) == 200
+    finally:
+        sys.setswitchinterval(switching)
+
+
+# -- a token's refreshes: an exact window -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("times", [
+    [13.0 * n for n in range(40)],  # every 13 s: 4.6 a minute
+    [60.0 * burst + n for burst in range(6) for n in range(5)],  # five at once, each minute
+    [0, 1, 2, 3, 50, 62, 63, 64, 65, 110, 122.5, 123, 124, 125.5],  # four, then more as the first ones age out
+])
+def test_a_token_refreshed_within_its_rate_is_never_refused(times):
+    """RATE_LIMIT_PER_TOKEN counts a token's refreshes in the last minute exactly (limits' moving window):
+    a client that never refreshes more than 5 times in any 60 s is never refused, and the 6th is."""
+    now = [1_700_000_000.0]
+    start = now[0]
+    refreshes = Limits(None, None, per_token="5/minute", storage=ProcessMemory(clock=lambda: now[0]))
+    for at in times:
+        now[0] = start + at
+        refreshes.admit("203.0.113.9", "AQ-the-token")
+    with pytest.raises(Refused) as refused:
+        for _ in range(6):
+            refreshes.admit("203.0.113.9", "AQ-the-token")
+    assert refused.value.reason == Refused.TOKEN
+
+
+# -- the limits on a storage that goes away ----------------------------------------------------------
+
+
+class Outage(Storage, SlidingWindowCounterSupport, MovingWindowSupport):
+    """A shared storage (as Redis is: not this process's memory) that can be taken down and brought back;
+    its counts are kept in a ProcessMemory."""
+
+    def __init__(self, clock) -> None:
+        super().__init__()
+        self.memory = ProcessMemory()
+        self.down = False
+        self.checks: list[float] = []  # when check() was asked
+        self.clock = clock
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return ConnectionError
+
+    @property
+    def up(self) -> ProcessMemory:
+        """Its counts, if it is up: every operation fails while it is down, as Redis' do."""
+        if self.down:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return self.memory
+
+    def check(self) -> bool:
+        self.checks.append(self.clock())
+        return not self.down
+
+    def incr(self, key, expiry, amount=1):
+        return self.up.incr(key, expiry, amount)
+
+    def get(self, key):
+        return self.up.get(key)
+
+    def get_expiry(self, key):
+        return self.up.get_expiry(key)
+
+    def reset(self):
+        return self.up.reset()
+
+    def clear(self, key):
+        self.up.clear(key)
+
+    def get_sliding_window(self, key, expiry):
+        return self.up.get_sliding_window(key, expiry)
+
+    def acquire_sliding_window_entry(self, key, limit, expiry, amount=1):
+        return self.up.acquire_sliding_window_entry(key, limit, expiry, amount)
+
+    def clear_sliding_window(self, key, expiry):
+        self.up.clear_sliding_window(key, expiry)
+
+    def acquire_entry(self, key, limit, expiry, amount=1):
+        return self.up.acquire_entry(key, limit, expiry, amount)
+
+    def get_moving_window(self, key, limit, expiry):
+        return self.up.get_moving_window(key, limit, expiry)
+
+
+def test_a_storage_that_goes_down_falls_back_to_memory_and_is_asked_back_with_flask_limiters_back_off(caplog):
+    """As flask-limiter's in_memory_fallback: the first error sends the counting to this process's memory
+    (said once, at ERROR); the storage's check() is asked after more than 1, 2, 4 ... 32 s, then from 1 s
+    again; once it answers, the counting goes back to it (said once)."""
+    now = [100.0]
+    storage = Outage(clock=lambda: now[0])
+    budgets = Limits("2/hour", None, storage=storage, clock=lambda: now[0])
+    storage.down = True
+    budgets.count_failure("a")
+    budgets.count_failure("a")
+    with pytest.raises(Refused):
+        budgets.check("a")  # the budget holds in memory meanwhile
+    [outage] = [r for r in caplog.records if "Rate limit storage unreachable" in r.getMessage()]
+    assert outage.levelno == logging.ERROR and "ConnectionError" in outage.getMessage()
+    for _ in range(130):  # a request each second
+        now[0] += 1.0
+        budgets.check("b")
+    gaps = [round(b - a) for a, b in zip([100.0] + storage.checks, storage.checks)]
+    assert gaps[:8] == [2, 3, 5, 9, 17, 33, 2, 3], gaps
+    assert storage.checks[0] == 102.0
+    storage.down = False
+    asked = len(storage.checks)
+    while len(storage.checks) == asked:
+        now[0] += 1.0
+        budgets.check("b")
+    # Counted in the storage again, which holds none of the outage's failures: "a" has its budget there.
+    assert budgets.check("a") is None
+    budgets.count_failure("a")
+    budgets.count_failure("a")
+    with pytest.raises(Refused):
+        budgets.check("a")
+    [back] = [r for r in caplog.records if "answers again: counting there" in r.getMessage()]
+    assert back.levelno == logging.WARNING
 
 
 # -- the window-boundary seam ----------------------------------------------------------------------
