@@ -21,6 +21,11 @@ interfere), or for every request, app-only tokens (client credentials) included,
     fault-429-N     429 with Retry-After: N    fault-400       400 {"error": "invalid_request"}
     fault-trickle   a 200 sent one byte every 0.3 seconds: each wait is short, the whole is not
     rotate-...      (refresh) answer carries a new refresh token "rotated-..."
+    rotating-...    (swap) hands out the refresh token "rotate-rotating-...", which the first refresh rotates
+
+Refresh tokens end as Spotify's do when `refresh_token_lifetime` (seconds) is set: a refresh token this
+stand-in handed out at a swap, and the one it rotated that into, is refused with 400 invalid_grant
+("Refresh token expired") once that long has passed since the swap, by `clock` (time.time unless given).
 
 Settings: `latency` (seconds before every answer), `connect_delay` (extra seconds before the first
 answer on each new connection: a stand-in for TCP and TLS handshakes), `fault`, and TLS with a
@@ -46,6 +51,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
@@ -72,8 +79,13 @@ class FakeAccounts:
 
     def __init__(self, *, latency: float = 0.0, connect_delay: float = 0.0, fault: str | None = None,
                  tls: bool = False, host: str = "127.0.0.1", port: int = 0, record: bool = True,
-                 display_name: str = "Stand-in Listener", redirect_uris: tuple[str, ...] | None = None):
+                 display_name: str = "Stand-in Listener", redirect_uris: tuple[str, ...] | None = None,
+                 refresh_token_lifetime: float | None = None, clock: Callable[[], float] = time.time):
         self.latency = latency
+        self.refresh_token_lifetime = refresh_token_lifetime
+        self._clock = clock
+        # When each refresh token it handed out was signed in (its swap), as Spotify keeps it.
+        self._signed_in: dict[str, float] = {}
         self.connect_delay = connect_delay
         self.fault = fault
         self.host = host
@@ -207,6 +219,8 @@ class FakeAccounts:
         if subject.startswith("invalid"):
             description = "Invalid authorization code" if grant == "authorization_code" else "Invalid refresh token"
             return 400, {}, json.dumps({"error": "invalid_grant", "error_description": description}).encode()
+        if grant == "refresh_token" and self._expired(subject):
+            return 400, {}, json.dumps({"error": "invalid_grant", "error_description": "Refresh token expired"}).encode()
         if grant == "authorization_code" and subject in self._logins:
             refused = self._redeem(form)
             if refused is not None:
@@ -216,11 +230,21 @@ class FakeAccounts:
         tokens: dict[str, str | int] = {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600,
                                         "scope": "user-read-private"}
         if grant == "authorization_code":
-            tokens["refresh_token"] = f"AQ-refresh-for-{subject}"
+            issued = f"rotate-{subject}" if subject.startswith("rotating-") else f"AQ-refresh-for-{subject}"
+            tokens["refresh_token"] = issued
+            if self.refresh_token_lifetime is not None:  # kept only when it ends: floods swap millions
+                self._signed_in[issued] = self._clock()
         elif subject.startswith("rotate-"):
-            tokens["refresh_token"] = "rotated-" + subject[len("rotate-"):]
+            tokens["refresh_token"] = rotated = "rotated-" + subject[len("rotate-"):]
+            if subject in self._signed_in:  # the same sign-in: rotating does not extend it
+                self._signed_in[rotated] = self._signed_in[subject]
         self._access_tokens.append(access_token)
         return 200, {}, json.dumps(tokens).encode()
+
+    def _expired(self, refresh_token: str) -> bool:
+        signed_in = self._signed_in.get(refresh_token)
+        return (self.refresh_token_lifetime is not None and signed_in is not None
+                and self._clock() - signed_in >= self.refresh_token_lifetime)
 
     # -- the browser side: login and Web API -----------------------------------------------------
     def browser_answer(self, method: str, path: str, headers: dict[str, str]):
@@ -480,10 +504,13 @@ def main() -> None:
     parser.add_argument("--connect-delay", type=float, default=0.0, help="extra seconds on each new connection")
     parser.add_argument("--tls", action="store_true", help="serve HTTPS with a fresh self-signed certificate")
     parser.add_argument("--fault", default=None)
+    parser.add_argument("--refresh-token-lifetime", type=float, default=None,
+                        help="seconds after its swap that a refresh token is refused (default: never)")
     parser.add_argument("--ready-file", help="write {url, cert} here once listening")
     args = parser.parse_args()
     fake = FakeAccounts(latency=args.latency, connect_delay=args.connect_delay, fault=args.fault,
-                        tls=args.tls, port=args.port, record=False)
+                        tls=args.tls, port=args.port, record=False,
+                        refresh_token_lifetime=args.refresh_token_lifetime)
 
     async def run() -> None:
         await fake.serve()

@@ -94,3 +94,24 @@ def test_me_answers_for_issued_access_tokens_only_with_cors(fake):
         "Access-Control-Request-Headers": "authorization"})
     assert preflight.status_code == 204
     assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+
+
+def test_refresh_tokens_end_a_lifetime_after_their_swap_rotated_ones_too():
+    """As Spotify's do since 2026: refreshing does not extend a sign-in; tokens it never issued never end."""
+    now = [1_000_000.0]
+    with FakeAccounts(refresh_token_lifetime=60, clock=lambda: now[0]) as fake:
+
+        def refresh(raw: str) -> requests.Response:
+            return token(fake, grant_type="refresh_token", refresh_token=raw)
+
+        issued = token(fake, code="rotating-x").json()["refresh_token"]
+        assert issued == "rotate-rotating-x"
+        now[0] += 59
+        rotated = refresh(issued).json()["refresh_token"]
+        assert rotated == "rotated-rotating-x" and refresh(rotated).status_code == 200
+        now[0] += 1
+        for raw in (issued, rotated):
+            answer = refresh(raw)
+            assert answer.status_code == 400
+            assert answer.json() == {"error": "invalid_grant", "error_description": "Refresh token expired"}
+        assert refresh("AQ-never-issued-here").status_code == 200

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+import check
+from config import load_config
+
 from tests.helpers import (
     CODE,
     RAW_REFRESH,
@@ -131,3 +134,30 @@ def test_a_raw_token_is_sealed_while_unsealed_tokens_are_on(make_client, spotify
     response = client.post("/refresh", data={"refresh_token": RAW_REFRESH})
     assert_error(response, 400, "invalid_grant", "Invalid refresh token")
     assert len(spotify.calls) == 1
+
+
+# What is on, said by the page and by `check` (one list: config.token_settings)
+
+
+def test_the_page_says_the_lifetime_and_which_migrations_are_on(make_client):
+    page = make_client(REFRESH_TOKEN_LIFETIME="12h", SPOTIFYAPISERVER_SECRET_KEY=SAS_SECRET,
+                       UNSEALED_TOKENS_UNTIL="2026-06-30").get("/").get_data(as_text=True)
+    assert "a sign-in lasts 12 hours (shorter than Spotify&#39;s 6 months)" in page
+    assert "tokens of SpotifyAPIServer are read" in page
+    assert "tokens of the legacy Ruby/Sinatra services are not read" in page
+    assert "raw Spotify refresh tokens are accepted and sealed through 2026-06-30 UTC" in page
+
+
+@pytest.mark.parametrize(
+    "until, says",
+    [
+        (None, "raw Spotify refresh tokens are refused (UNSEALED_TOKENS_UNTIL is not set)"),
+        ("2999-01-01", "raw Spotify refresh tokens are accepted and sealed through 2999-01-01 UTC"),
+        ("2001-01-01", "raw Spotify refresh tokens are refused: UNSEALED_TOKENS_UNTIL=2001-01-01 has passed"),
+    ],
+)
+def test_check_says_whether_raw_tokens_are_on(config, until, says):
+    lines: list[str] = []
+    check._information(load_config({**config, **({"UNSEALED_TOKENS_UNTIL": until} if until else {})}), lines.append)
+    assert any(line.startswith(f"info {says}") for line in lines)
+    assert "info a sign-in lasts 184 days (REFRESH_TOKEN_LIFETIME); refreshing does not extend it" in lines
