@@ -11,7 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 
@@ -41,6 +43,20 @@ def json_answer(response: requests.Response, status: int | set[int] = 200) -> di
     if content_type != "application/json":
         raise AssertionError(f"Content-Type is {content_type!r}, not exactly 'application/json'")
     return response.json()
+
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10, what: str = "the condition") -> T:
+    """Poll `condition` until it returns something true, and return that; an AssertionError naming `what` once
+    `timeout` seconds have passed without it. The one deadline loop of the tests and benchmarks."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting ({timeout} s) for {what}")
+        time.sleep(0.02)
+    return value
 
 
 def free_port() -> int:

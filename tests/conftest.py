@@ -16,8 +16,9 @@ from flask.testing import FlaskClient
 
 from config import VARIABLES
 from devtools.fake_accounts import FakeAccounts
+from devtools.process import Server
 from limitstore import seconds_to_window_end
-from tests.helpers import BASE_CONFIG, Clock, app_for
+from tests.helpers import BASE_CONFIG, Clock, app_for, server_env
 
 # Where CI is set, a skipped test fails (tests/tools.py): every tool is installed there.
 pytest_plugins = ["tests.tools"]
@@ -112,11 +113,20 @@ def spotify() -> Iterator[responses.RequestsMock]:
         yield mock
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fake_accounts() -> Iterator[FakeAccounts]:
-    """The stand-in for Spotify as a real HTTP server, one per test module."""
+    """The stand-in for Spotify as a real HTTP server, one for the whole run."""
     with FakeAccounts() as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def served(fake_accounts: FakeAccounts) -> Iterator[Server]:
+    """The service as server_env() configures it (the Procfile's command, real gunicorn), one for the whole run:
+    every end-to-end test that needs no setting of its own talks to this one. Only tests of a setting, or of
+    the process's start and stop, start their own."""
+    with Server(server_env(fake_accounts.url)) as running:
+        yield running
 
 
 @pytest.fixture

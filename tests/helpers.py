@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -73,6 +75,10 @@ def app_for(variables: Mapping[str, str], clock: Callable[[], float] = time.time
 def server_env(spotify_url: str, **overrides: str) -> dict[str, str]:
     """Environment for a real server process pointed at a fake accounts service."""
     return {**BASE_CONFIG, "SPOTIFY_ACCOUNTS_URL": spotify_url, "SPOTIFY_TIMEOUT": "2", **overrides}
+
+
+# The sealer of a server started with server_env(): what its tokens open with.
+SEALER = TokenSealer([SECRET], CLIENT_ID)
 
 
 def unique(prefix: str = "code") -> str:
@@ -246,3 +252,49 @@ def started(command: list[str], cwd: Path, env: dict[str, str], url: str) -> Ite
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+# -- answers read off a raw socket: what requests and http.client would not send or would not show -----------
+
+
+def split_answer(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    """An HTTP/1.1 answer's (status, headers with lower-case names, body)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def exchange(port: int, request: bytes, *, tls: bool = False, timeout: float = 10) -> bytes:
+    """Bytes sent as they are on a new connection to 127.0.0.1:port, and all that comes back until it closes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        sock = context.wrap_socket(sock)
+    answer = b""
+    with sock:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # refused with part of it unsent
+            sock.sendall(request)
+        with contextlib.suppress(ConnectionResetError):  # closed with part of the request unread
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def read_answer(sock: socket.socket, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """One answer with a Content-Length from a connection that stays open: (status, headers, body)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before an answer: {data!r}")
+        data += chunk
+    status, headers, body = split_answer(data)
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of an answer")
+        body += chunk
+    return status, headers, body

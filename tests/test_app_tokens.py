@@ -273,10 +273,9 @@ def test_twenty_app_only_requests_reach_spotify_at_most_once_per_worker():
 
 
 @pytest.mark.e2e
-def test_a_basic_client_id_of_another_app_gets_401_from_the_real_server(fake_accounts):
-    with Server(server_env(fake_accounts.url)) as server:
-        response = requests.post(server.url + "/api/token", data={"grant_type": "authorization_code", "code": "c"},
-                                 headers={**basic("someone-elses-app", None), **CLOSE}, timeout=10)
-        assert json_answer(response, 401)["error"] == "invalid_client"
-        assert response.headers["WWW-Authenticate"].startswith("Basic")
+def test_a_basic_client_id_of_another_app_gets_401_from_the_real_server(served, fake_accounts):
+    response = requests.post(served.url + "/api/token", data={"grant_type": "authorization_code", "code": "c"},
+                             headers={**basic("someone-elses-app", None), **CLOSE}, timeout=10)
+    assert json_answer(response, 401)["error"] == "invalid_client"
+    assert response.headers["WWW-Authenticate"].startswith("Basic")
     assert not [r for r in fake_accounts.requests if r["form"].get("code") == "c"]

@@ -16,15 +16,13 @@ import pytest
 import responses
 
 import ratelimit
-from crypto import TokenSealer
-from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
-from devtools.fake_accounts import CLIENT_ID, FakeAccounts
+from tests.helpers import BASE_CONFIG, SEALER, TOKEN_URL, app_for, server_env, unique
+from devtools.fake_accounts import FakeAccounts
 from devtools.process import Server
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
 SUCCESS_ROOM = 10
 
-SEALER = TokenSealer([SECRET], CLIENT_ID)
 TOKENS = {"access_token": "BQ-access", "token_type": "Bearer", "expires_in": 3600}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -151,7 +149,7 @@ def test_one_client_hammering_its_own_token_leaves_spotify_to_the_others(fake_ac
     env = server_env(fake_accounts.url, SPOTIFY_MAX_RATE="10/second")
     del env["RATE_LIMIT_PER_TOKEN"]  # the default
     with Server(env) as server:
-        greedy = SEALER.seal(f"AQ-greedy-{uuid.uuid4().hex}")
+        greedy = SEALER.seal(unique("AQ-greedy"))
         stop = threading.Event()
         greedy_statuses: Counter[int] = Counter()
 
@@ -166,7 +164,7 @@ def test_one_client_hammering_its_own_token_leaves_spotify_to_the_others(fake_ac
         try:
             for n in range(12):
                 started = time.monotonic()
-                others.append(post_from(server, "127.0.0.2", "/swap", {"code": f"other-{uuid.uuid4().hex}"})[0])
+                others.append(post_from(server, "127.0.0.2", "/swap", {"code": unique("other")})[0])
                 time.sleep(max(0.0, 0.25 - (time.monotonic() - started)))  # pacing the other client
         finally:
             stop.set()

@@ -16,8 +16,6 @@ import pytest
 
 from config import BODY_TIMEOUT
 from devtools.flood import raise_open_file_limit, run_flood
-from tests.helpers import server_env
-from devtools.process import Server
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
@@ -56,9 +54,8 @@ def test_10000_connections_held_by_one_address_leave_another_served_within_a_sec
 
 
 @pytest.fixture(scope="module")
-def server(fake_accounts):
-    with Server(server_env(fake_accounts.url)) as running:
-        yield running
+def server(served):
+    return served
 
 
 def _exchange(port: int, head: bytes, then: Callable[[socket.socket], None]) -> tuple[float, bytes, bool]:

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from api import REFRESH_PATHS, SWAP_PATHS
-from crypto import TokenSealer
-from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for
+from tests.helpers import BASE_CONFIG, SEALER, TOKEN_URL, app_for
 from devtools.fake_accounts import CLIENT_ID
 
 FUZZ = settings(
@@ -34,7 +33,6 @@ VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 section 4.1
 MAX_BODY = 64 * 1024
 TOKENS = {"access_token": "BQ-access", "token_type": "Bearer", "expires_in": 3600, "refresh_token": "AQ-new"}
 
-SEALER = TokenSealer([SECRET], CLIENT_ID)
 # Genuine Spotify refresh tokens, and the sealed tokens a client would hold for them.
 RAW_REFRESH = ("AQ-raw-refresh-one", "AQ-raw-refresh-two")
 GENUINE = tuple(SEALER.seal(raw) for raw in RAW_REFRESH)

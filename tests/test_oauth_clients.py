@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,19 @@ import requests
 from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
 from requests_oauthlib import OAuth2Session as OAuthlibSession
 
-from crypto import TokenSealer
 from tests.tools import needs
-from tests.helpers import BASE_CONFIG, SECRET, server_env
+from tests.helpers import BASE_CONFIG, SEALER, server_env, unique
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 from devtools.process import CLOSE, ROOT, Server, json_answer
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
 CALLBACK = BASE_CONFIG["SPOTIFY_CLIENT_CALLBACK_URL"].split(",")[0]
-SEALER = TokenSealer([SECRET], CLIENT_ID)
 
 
 @pytest.fixture(scope="module")
-def server(fake_accounts):
-    with Server(server_env(fake_accounts.url)) as running:
-        yield running
+def server(served):
+    return served
 
 
 def assert_holds(token: dict, code: str, access_token_prefix: str = "access-") -> None:
@@ -57,7 +53,7 @@ def swap_then_refresh_three_times(client, server: Server, code: str, first: dict
 
 
 def test_authlib_swaps_then_refreshes_at_the_token_url(server, fake):
-    code = f"authlib-{uuid.uuid4().hex}"
+    code = unique("authlib")
     token_url = server.url + "/api/token"
     # authlib without a client secret sends client_id in the body (no Basic header).
     with AuthlibSession(CLIENT_ID, redirect_uri=CALLBACK, token_endpoint=token_url, headers=CLOSE) as client:
@@ -66,7 +62,7 @@ def test_authlib_swaps_then_refreshes_at_the_token_url(server, fake):
 
 
 def test_authlib_refreshes_by_itself_when_the_token_has_expired(server, fake):
-    code = f"authlib-auto-{uuid.uuid4().hex}"
+    code = unique("authlib-auto")
     token_url = server.url + "/api/token"
     with AuthlibSession(CLIENT_ID, redirect_uri=CALLBACK, token_endpoint=token_url, headers=CLOSE) as client:
         first = client.fetch_token(token_url, code=code)
@@ -78,7 +74,7 @@ def test_authlib_refreshes_by_itself_when_the_token_has_expired(server, fake):
 
 def test_requests_oauthlib_swaps_then_refreshes_at_the_token_url(server, fake, monkeypatch):
     monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the test server speaks plain HTTP on loopback
-    code = f"oauthlib-{uuid.uuid4().hex}"
+    code = unique("oauthlib")
     token_url = server.url + "/api/token"
     client = OAuthlibSession(CLIENT_ID, redirect_uri=CALLBACK)
     client.headers.update(CLOSE)
@@ -89,7 +85,7 @@ def test_requests_oauthlib_swaps_then_refreshes_at_the_token_url(server, fake, m
 
 def test_requests_oauthlib_auto_refresh_url(server, fake, monkeypatch):
     monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
-    code = f"oauthlib-auto-{uuid.uuid4().hex}"
+    code = unique("oauthlib-auto")
     token_url = server.url + "/api/token"
     saved = []
     client = OAuthlibSession(CLIENT_ID, redirect_uri=CALLBACK, auto_refresh_url=token_url, token_updater=saved.append)
@@ -107,7 +103,7 @@ def test_requests_oauthlib_auto_refresh_url(server, fake, monkeypatch):
 @needs("node", "npm")
 def test_node_simple_oauth2_swaps_then_refreshes_and_never_loses_its_refresh_token(server, fake):
     """simple-oauth2 copies refresh_token from every answer: without one, its next refresh sent it empty."""
-    code = f"simple-oauth2-{uuid.uuid4().hex}"
+    code = unique("simple-oauth2")
     node = ROOT / "tests" / "node"
     result = subprocess.run(
         ["node", str(node / "simple_oauth2.js"), server.url, CLIENT_ID, code, CALLBACK],

@@ -5,14 +5,13 @@ from __future__ import annotations
 import secrets
 import string
 import time
-import uuid
 from urllib.parse import urlencode
 
 import pytest
 import requests
 
 from crypto import InvalidToken, Opened, TokenSealer
-from tests.helpers import legacy_vectors, server_env
+from tests.helpers import legacy_vectors, server_env, unique
 from devtools.legacy import legacy_token
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import CLOSE, Server, json_answer
@@ -66,10 +65,6 @@ def legacy_server(request, fake_accounts):
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def unique(prefix: str = "code") -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def send(server: Server, path: str, fields: dict, **headers: str) -> requests.Response:
@@ -303,7 +298,7 @@ def test_no_cors_headers_when_cors_origins_is_unset(proxied_server, fake, path):
 
 def logged_client(server: Server, forwarded_for: str) -> str:
     """The client address the request log shows for one request carrying X-Forwarded-For."""
-    path = f"/trace-{uuid.uuid4().hex}"
+    path = unique("/trace")
     since = len(server.output())
     json_answer(requests.get(server.url + path, headers={"X-Forwarded-For": forwarded_for, **CLOSE}, timeout=30), 404)
     deadline = time.monotonic() + 10

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ from devtools.fake_accounts import FakeAccounts
 from devtools.nginx import Nginx
 from devtools.process import Server
 from devtools.redis import RedisServer
-from tests.helpers import server_env
+from tests.helpers import server_env, unique
 from tests.tools import require
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
@@ -48,7 +47,7 @@ class Clients:
     def client(self) -> None:
         with requests.Session() as session:
             while self.running:
-                sealed = self.call(session, "/swap", {"code": f"code-{uuid.uuid4().hex}"})
+                sealed = self.call(session, "/swap", {"code": unique("code")})
                 for _ in range(3):
                     if not self.running or sealed is None:
                         break

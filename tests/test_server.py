@@ -22,7 +22,7 @@ import server
 from devtools.fake_accounts import FakeAccounts
 from devtools.flood import raise_open_file_limit
 from devtools.process import CLOSE, Server
-from tests.helpers import server_env
+from tests.helpers import exchange, server_env
 
 
 def test_the_one_patch_still_reaches_gunicorn():
@@ -62,9 +62,8 @@ def test_the_worker_overrides_only_public_methods_that_gunicorn_still_calls():
 
 
 @pytest.fixture(scope="module")
-def bounded():
-    with FakeAccounts() as fake, Server(server_env(fake.url)) as running:
-        yield running
+def bounded(served):
+    return served
 
 
 def head_of(size: int) -> bytes:
@@ -75,17 +74,6 @@ def head_of(size: int) -> bytes:
         number += 1
         head += b"X-Filler-%d: " % number + b"f" * 1000 + b"\r\n"
     return head[:size]
-
-
-def answer_to(head: bytes, port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # refused with part of it unsent
-            sock.sendall(head)
-        answer = b""
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := sock.recv(65536):
-                answer += chunk
-    return answer
 
 
 def test_the_head_bound_is_about_64_kb_and_gunicorn_conf_sets_it():
@@ -99,7 +87,7 @@ def test_the_head_bound_is_about_64_kb_and_gunicorn_conf_sets_it():
 def test_100_kb_of_headers_is_a_json_431(bounded):
     one_field = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n"
     for head in (head_of(100_000) + b"\r\n", one_field):
-        answer = answer_to(head, bounded.port)
+        answer = exchange(bounded.port, head)
         status_line, _, rest = answer.partition(b"\r\n")
         assert status_line.startswith(b"HTTP/1.1 431 "), answer[:200]
         headers, _, body = rest.partition(b"\r\n\r\n")
@@ -107,7 +95,7 @@ def test_100_kb_of_headers_is_a_json_431(bounded):
         assert json.loads(body)["error"] == "invalid_request"
     # A head just under the bound is served: 38 fields of 1 KB after the line and Host.
     allowed = head_of(server.LIMIT_REQUEST_FIELDS * 1000 - 2000) + b"\r\n\r\n"
-    assert answer_to(allowed, bounded.port).startswith(b"HTTP/1.1 200 ")
+    assert exchange(bounded.port, allowed).startswith(b"HTTP/1.1 200 ")
 
 
 @pytest.mark.e2e  # `bounded` starts the real server

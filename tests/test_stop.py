@@ -8,7 +8,6 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -16,39 +15,14 @@ import pytest
 import requests
 
 from config import BODY_TIMEOUT, STOP_MARGIN, Config, load_config, longest_request_seconds
-from crypto import TokenSealer
 from devtools.fake_accounts import FakeAccounts
-from devtools.process import Server, free_port
-from devtools.fake_accounts import CLIENT_ID
+from devtools.process import Server, free_port, wait_for
 from server import DRAIN_SECONDS, stop_seconds
-from tests.helpers import BASE_CONFIG, SECRET, server_env
+from tests.helpers import BASE_CONFIG, SEALER, read_answer, server_env, unique
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
-SEALER = TokenSealer([SECRET], CLIENT_ID)
-
-
-def read_answer(sock: socket.socket, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 answer with a Content-Length from a raw socket: (status, headers, body)."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before an answer: {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed in the middle of an answer")
-        body += chunk
-    return int(status_line.split()[1]), headers, body
-
-
 def closed_by_server(sock: socket.socket, timeout: float) -> bool:
     """Whether the server closes this connection (that sent nothing more) within timeout seconds."""
     sock.settimeout(timeout)
@@ -88,13 +62,6 @@ def swap_waiting_on_spotify(
     return connection, thread, answers
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting: {what}"
-        time.sleep(0.02)
-
-
 def refused(address: tuple[str, int]) -> bool:
     try:
         socket.create_connection(address, timeout=1).close()
@@ -126,7 +93,7 @@ def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_reque
             if second_request:
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert read_answer(sock)[0] == 200
-            code = f"code-{uuid.uuid4().hex}"
+            code = unique()
             request = swap_request(code)
             sock.sendall(request[:-10])
             mid_body.append((sock, code, request[-10:]))
