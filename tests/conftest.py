@@ -129,6 +129,13 @@ def served(fake_accounts: FakeAccounts) -> Iterator[Server]:
         yield running
 
 
+@pytest.fixture(scope="session")
+def served_behind_proxy(fake_accounts: FakeAccounts) -> Iterator[Server]:
+    """The same behind one trusted proxy (TRUSTED_PROXIES=1), for the run."""
+    with Server(server_env(fake_accounts.url, TRUSTED_PROXIES="1")) as running:
+        yield running
+
+
 @pytest.fixture
 def fake(fake_accounts: FakeAccounts) -> FakeAccounts:
     """The module's stand-in for Spotify, with nothing received yet."""

@@ -19,10 +19,9 @@ from gunicorn.workers import base, base_async, ggevent
 
 import logs
 import server
-from devtools.fake_accounts import FakeAccounts
 from devtools.flood import raise_open_file_limit
-from devtools.process import CLOSE, Server
-from tests.helpers import exchange, server_env
+from devtools.process import CLOSE
+from tests.helpers import exchange
 
 
 def test_the_one_patch_still_reaches_gunicorn():
@@ -136,17 +135,17 @@ def test_300_connections_holding_unfinished_heads_leave_health_under_a_second(bo
 
 
 @pytest.mark.e2e
-def test_the_access_lines_client_field_is_bounded_and_escaped():
+def test_the_access_lines_client_field_is_bounded_and_escaped(served_behind_proxy):
     """Behind a proxy the client is X-Forwarded-For's, the client's to fill: never logged whole or raw."""
     # As long as a header field may be (the head's bounds); a tab and a byte beyond ASCII in it.
     forged = '6.6.6.6 "POST /swap" 200 1 1ms\t' + "x" * 1400 + "\xe9"
-    with FakeAccounts() as fake, Server(server_env(fake.url, TRUSTED_PROXIES="1")) as running:
-        since = len(running.output())
-        for value in (forged, "203.0.113.9"):
-            response = requests.get(running.url + "/health", headers={**CLOSE, "X-Forwarded-For": value}, timeout=10)
-            assert response.status_code == 200
-        lines = running.wait_for_access_log(2, since)
-        output = running.output()[since:]
+    running = served_behind_proxy
+    since = len(running.output())
+    for value in (forged, "203.0.113.9"):
+        response = requests.get(running.url + "/health", headers={**CLOSE, "X-Forwarded-For": value}, timeout=10)
+        assert response.status_code == 200
+    lines = running.wait_for_access_log(2, since, path="/health")
+    output = running.output()[since:]
     assert [line["client"] for line in lines] == [logs.client_field(forged), "203.0.113.9"]
     assert len(lines[0]["client"]) <= 4 * logs.CLIENT_FIELD_LENGTH + 3
     assert "x" * 46 not in output and '6.6.6.6 "POST' not in output
