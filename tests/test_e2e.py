@@ -307,25 +307,36 @@ def test_health_is_json_and_does_not_call_spotify(server, fake):
 # -- upstream faults ---------------------------------------------------------------------------
 
 
-def call_with(server: Server, grant: str, subject: str) -> requests.Response:
-    """A swap whose code is `subject`, or a refresh whose sealed token holds `subject`."""
+@pytest.fixture(scope="module")
+def upstream(fake_accounts):
+    """A server of their own for the tests of Spotify's faults: its brake (brake.py) remembers them, and holds
+    calls for a while, which must not reach the run's shared server. One worker, whose brake sees every call."""
+    with Server(server_env(fake_accounts.url, WEB_CONCURRENCY="1")) as running:
+        yield running
+
+
+def call_with(server: Server, fake: FakeAccounts, grant: str, subject: str) -> requests.Response:
+    """A swap whose code is `subject`, or a refresh whose sealed token holds `subject`, after one good call: two
+    bad answers in a row would engage the brake (test_brake.py), and each test here wants one fault's answer."""
+    swap(server, unique())
+    fake.reset()
     if grant == "swap":
         return send(server, "/swap", {"code": subject})
     return send(server, "/refresh", {"refresh_token": SEALER.seal(subject)})
 
 
-@pytest.mark.parametrize("grant", ["swap", "refresh"])
 @pytest.mark.parametrize(
-    "fault, statuses, errors",
+    "grant, fault, statuses, errors",
     [
-        ("fault-500", {502}, {"server_error"}),
-        ("fault-html", {502}, {"server_error"}),
-        ("fault-noaccess", {502}, {"server_error"}),
-        ("fault-reset", {502, 503}, {"server_error", "temporarily_unavailable"}),
+        ("swap", "fault-500", {502}, {"server_error"}),
+        ("refresh", "fault-html", {502}, {"server_error"}),
+        ("swap", "fault-noaccess", {502}, {"server_error"}),
+        ("refresh", "fault-reset", {502, 503}, {"server_error", "temporarily_unavailable"}),
     ],
 )
-def test_a_broken_upstream_answer_is_a_json_5xx(server, fake, grant, fault, statuses, errors):
-    body = json_answer(call_with(server, grant, fault), statuses)
+def test_a_broken_upstream_answer_is_a_json_5xx(upstream, fake, grant, fault, statuses, errors):
+    """Each fault once, on one grant or the other: both go through one call (each grant's mapping: test_app.py)."""
+    body = json_answer(call_with(upstream, fake, grant, fault), statuses)
 
     assert body["error"] in errors
     assert "<html" not in body.get("error_description", "")
@@ -333,19 +344,9 @@ def test_a_broken_upstream_answer_is_a_json_5xx(server, fake, grant, fault, stat
 
 
 @pytest.mark.parametrize("grant", ["swap", "refresh"])
-def test_spotify_rate_limiting_is_429_with_its_retry_after(server, fake, grant):
-    response = call_with(server, grant, "fault-429")
-    body = json_answer(response, 429)
-
-    assert response.headers["Retry-After"] == "7"
-    assert isinstance(body["error"], str) and body["error"]
-    assert len(fake.requests) == 1
-
-
-@pytest.mark.parametrize("grant", ["swap", "refresh"])
-def test_spotify_client_errors_pass_through(server, fake, grant):
+def test_spotify_client_errors_pass_through(upstream, fake, grant):
     """A swap's unchanged; a refresh's with what the app must do (tests/test_lifetime.py has each case)."""
-    body = json_answer(call_with(server, grant, unique("invalid")), 400)
+    body = json_answer(call_with(upstream, fake, grant, unique("invalid")), 400)
 
     if grant == "swap":
         assert body == {"error": "invalid_grant", "error_description": "Invalid authorization code"}
@@ -354,23 +355,32 @@ def test_spotify_client_errors_pass_through(server, fake, grant):
         assert "(Invalid refresh token)" in body["error_description"] and "do not retry" in body["error_description"]
 
 
-def test_an_upstream_slower_than_spotify_timeout_is_504_within_seconds(server, fake):
-    """A swap here, a refresh below: both go through one call (the mapping for each grant: test_app.py)."""
+def test_an_upstream_slower_than_spotify_timeout_is_504_within_seconds(upstream, fake):
     start = time.monotonic()
-    body = json_answer(call_with(server, "swap", "fault-timeout"), 504)
+    body = json_answer(call_with(upstream, fake, "swap", "fault-timeout"), 504)
 
     assert body["error"] == "temporarily_unavailable"
     assert time.monotonic() - start < 30  # SPOTIFY_TIMEOUT (2 s), not the fake's 60 s
     assert len(fake.requests) == 1
 
 
-def test_an_upstream_answer_trickling_in_past_spotify_timeout_is_504(server, fake):
+def test_an_upstream_answer_trickling_in_past_spotify_timeout_is_504(upstream, fake):
     """SPOTIFY_TIMEOUT bounds the whole call, not only each wait for the next bytes."""
     start = time.monotonic()
-    body = json_answer(call_with(server, "refresh", "fault-trickle"), 504)
+    body = json_answer(call_with(upstream, fake, "refresh", "fault-trickle"), 504)
 
     assert body["error"] == "temporarily_unavailable"
     assert time.monotonic() - start < 30  # SPOTIFY_TIMEOUT (2 s); the trickle would take a minute
+    assert len(fake.requests) == 1
+
+
+def test_spotify_rate_limiting_is_429_with_its_retry_after(upstream, fake):
+    """The last test of `upstream`: the brake holds every call for the 7 s Spotify asks."""
+    response = call_with(upstream, fake, "swap", "fault-429")
+    body = json_answer(response, 429)
+
+    assert response.headers["Retry-After"] == "7"
+    assert isinstance(body["error"], str) and body["error"]
     assert len(fake.requests) == 1
 
 
@@ -381,7 +391,7 @@ def test_a_stopped_upstream_is_503():
             sealed = swap(running, unique())["refresh_token"]  # a pooled connection to it now exists
             fake.stop()
             # The first finds the pooled connection closed, the second a port nobody listens on.
-            for response in (call_with(running, "swap", unique()),
+            for response in (send(running, "/swap", {"code": unique()}),
                              send(running, "/refresh", {"refresh_token": sealed})):
                 assert json_answer(response, 503)["error"] == "temporarily_unavailable"
     finally:
@@ -445,6 +455,8 @@ def test_the_request_log_has_one_line_per_request_and_no_secret(server, fake):
     since = len(server.output())
     code, query_code = unique(), unique()
     with requests.Session() as client:
+        # A bad answer from Spotify first: the swap after it ends the series the brake counts (brake.py).
+        json_answer(client.post(server.url + "/swap", data={"code": "fault-500"}, timeout=30), 502)
         sealed = json_answer(client.post(server.url + "/swap", data={"code": code}, timeout=30), 200)["refresh_token"]
         rotated_from = SEALER.seal(unique("rotate"))
         rotated = json_answer(client.post(server.url + "/refresh", data={"refresh_token": rotated_from}, timeout=30),
@@ -453,7 +465,6 @@ def test_the_request_log_has_one_line_per_request_and_no_secret(server, fake):
         # A client that puts the code in the query string: the log shows the path alone.
         json_answer(client.post(server.url + f"/api/token?code={query_code}", data={"code": query_code}, timeout=30), 200)
         json_answer(client.post(server.url + "/refresh", data={"refresh_token": sealed[:-4]}, timeout=30), 400)
-        json_answer(client.post(server.url + "/swap", data={"code": "fault-500"}, timeout=30), 502)
         json_answer(client.get(server.url + "/health", timeout=30), 200)
         json_answer(client.get(server.url + f"/nope?token={sealed}", timeout=30), 404)
         json_answer(client.get(server.url + "/swap", timeout=30), 405)

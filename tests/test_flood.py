@@ -135,13 +135,11 @@ def test_a_body_not_all_arrived_10_s_after_its_headers_is_408_json_and_the_conne
             "error": "invalid_request",
             "error_description": f"The body did not arrive within {BODY_TIMEOUT} seconds of its headers",
         }
-        assert BODY_TIMEOUT <= seconds < BODY_TIMEOUT + 1, (name, seconds)
+        # Never before the bound; after it, as soon as a loaded machine gets to it.
+        assert BODY_TIMEOUT <= seconds < BODY_TIMEOUT + 5, (name, seconds)
         assert closed, f"{name}: the connection stayed open after the 408"
     seconds, answer, _ = results["in time"]
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert seconds < BODY_TIMEOUT
-    deadline = time.monotonic() + 10  # gunicorn writes each line once its answer is out
-    while len(lines := [line for line in server.access_log(since) if line["path"] == "/swap"]) < 4:
-        assert time.monotonic() < deadline, lines
-        time.sleep(0.05)
+    lines = server.wait_for_access_log(4, since, path="/swap")  # gunicorn writes each line once its answer is out
     assert sorted(line["status"] for line in lines) == ["200", "408", "408", "408"]
