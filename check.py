@@ -42,6 +42,10 @@ def _spotify_credentials(config: Config, echo: Callable[[str], None]) -> bool:
         echo(f"{FAIL} Spotify refuses the credentials {where} ({said}): check {variable}")
         return False
     except spotify.Unreachable as err:
+        if err.cause == spotify.PROXY_FAILED:  # the proxy's fault, not Spotify's
+            echo(f"{FAIL} the proxy {client.proxy} failed on the way to Spotify {where}: {err.cause}; "
+                 f"{spotify.HINTS[err.cause]}")
+            return False
         echo(f"{FAIL} Spotify could not be reached {where}: {err.cause}; {spotify.HINTS[err.cause]}")
         return False
     except spotify.TimedOut as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import secrets
@@ -10,6 +11,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from urllib.parse import urlsplit
 
+import redis.connection
+import requests
+import urllib3.util
 from limits import parse_many
 
 from logs import redacted_url
@@ -121,22 +125,60 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-def _is_http_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
-
-
-def _base_url(name: str, value: str, problems: list[str]) -> str:
-    if not _is_http_url(value):
-        problems.append(f"{name}={redacted_url(value)!r} is not an http(s) URL: leave it unset for Spotify")
-    return value.rstrip("/")
-
-
 STORAGE_URI_ENCODING_HINT = (
     "if its user name or password holds any of / # ? @ : % or a space, percent-encode each "
     "(/ as %2F, # as %23, ? as %3F, @ as %40, : as %3A, % as %25, a space as %20), e.g. with "
     "python3 -c \"import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=''))\" 'the-password'"
 )
+# The proxy variables requests reads (through urllib's getproxies), lower-case spelling first as it does.
+PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+    """Why requests cannot use `url` as it was meant (None if it can), in words that show no part of it.
+
+    requests prepares each request with urllib3's parse_url: a port that is no number from 0 to 65535, or
+    given twice, fails every call. A password holding an unencoded "/", "?" or "#" may even parse, as
+    another host: everything after that character is no longer the host.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() not in schemes:
+        return f"it is not a URL starting with {' or '.join(s + '://' for s in schemes)}"
+    if re.search(r"[/?#]", rest.rpartition("@")[0]):
+        return f"its user name or password holds an unencoded / ? or #: {STORAGE_URI_ENCODING_HINT}"
+    try:
+        if not urllib3.util.parse_url(url).host:
+            return "it names no host"
+        requests.Request("GET", url).prepare()  # the whole preparation: the host's IDNA encoding too
+    except (requests.RequestException, ValueError):  # urllib3's LocationParseError is a ValueError
+        return (
+            "requests cannot parse it: the port must be a number from 1 to 65535, once, after the host; "
+            + STORAGE_URI_ENCODING_HINT
+        )
+    return None
+
+
+def _base_url(name: str, value: str, problems: list[str]) -> str:
+    problem = url_problem(value)
+    if problem is not None:
+        problems.append(f"{name}={redacted_url(value)!r} cannot be used: {problem}; leave it unset for Spotify")
+    return value.rstrip("/")
+
+
+def _check_proxies(env: Mapping[str, str], problems: list[str]) -> None:
+    # SOCKS proxies only work with PySocks installed, as requests says.
+    schemes: tuple[str, ...] = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
+    if importlib.util.find_spec("socks") is None:
+        schemes = schemes[:2]
+    for name in PROXY_VARIABLES:
+        value = env.get(name, "").strip()
+        if value:
+            # A proxy without a scheme is an http:// one to requests (its prepend_scheme_if_needed).
+            problem = url_problem(value if "://" in value else "http://" + value, schemes)
+            if problem is not None and value.lower().startswith("socks") and len(schemes) == 2:
+                problem = "a SOCKS proxy needs the PySocks package, which is not installed here"
+            if problem is not None:
+                problems.append(f"{name} (a proxy, {redacted_url(value)!r}) cannot be used: {problem}")
 
 
 def _storage_uri_parses(uri: str) -> bool:
@@ -163,6 +205,33 @@ def _storage_uri_parses(uri: str) -> bool:
     if scheme == "redis+sentinel":
         return re.fullmatch(r"/[^/@]+/?", parts.path) is not None
     return parts.path in ("", "/")
+
+
+def _redirect_uri_problem(url: str) -> str | None:
+    # The page builds Spotify's authorize URL from it, Spotify compares it: RFC 6749 section 3.1.2 allows
+    # no fragment, and a user name or password in it would be shown on the page.
+    scheme, _, rest = url.partition(":")
+    if "#" in url:
+        return "holds a fragment (#), which a redirect URI must not (RFC 6749 section 3.1.2)"
+    if "@" in rest.lstrip("/").split("/", 1)[0]:
+        return "holds a user name or password: a redirect URI is shown on the page and sent to Spotify"
+    try:
+        urllib3.util.parse_url(url)
+    except ValueError:
+        return "does not parse: a port must be a number from 1 to 65535, once, after the host"
+    return None
+
+
+def _redis_parses(uri: str) -> bool:
+    # redis-py's own parser, which limits hands redis://, rediss:// and redis+unix:// URIs to (as unix://).
+    scheme = uri.partition("://")[0]
+    if scheme not in ("redis", "rediss", "redis+unix"):
+        return True  # sentinel and cluster URIs: limits splits their hosts itself, as _storage_uri_parses does
+    try:
+        redis.connection.parse_url(uri.replace("redis+unix://", "unix://", 1))
+    except ValueError:
+        return False
+    return True
 
 
 def _check_rate(name: str, value: str, problems: list[str]) -> str | None:
@@ -202,11 +271,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     callback_urls = _split(required("SPOTIFY_CLIENT_CALLBACK_URL", callback_hint))
     if get("SPOTIFY_CLIENT_CALLBACK_URL") and not callback_urls:
         problems.append(f"SPOTIFY_CLIENT_CALLBACK_URL lists no URI: {callback_hint}")
-    for url in callback_urls:
+    for position, url in enumerate(callback_urls, 1):
         if ":" not in url:
             problems.append(
                 f"SPOTIFY_CLIENT_CALLBACK_URL entry {url!r} is not a URI: it needs a scheme, e.g. myapp://callback"
             )
+        elif problem := _redirect_uri_problem(url):
+            problems.append(f"SPOTIFY_CLIENT_CALLBACK_URL entry {position} ({redacted_url(url)!r}) {problem}")
 
     encryption_secrets = _split(required("ENCRYPTION_SECRET", GEN_SECRET_HINT))
     if get("ENCRYPTION_SECRET") and not encryption_secrets:
@@ -265,8 +336,16 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             )
 
     cors_origins = _split(get("CORS_ORIGINS"))
-    for origin in cors_origins:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+    for position, origin in enumerate(cors_origins, 1):
+        if origin == "*":
+            continue
+        if "@" in origin or url_problem(origin) is not None:
+            # What a browser sends as Origin never holds a user name or password: never show one.
+            problems.append(
+                f"CORS_ORIGINS entry {position} ({redacted_url(origin)!r}) is not an origin: write it as a "
+                "browser sends it, like https://example.com or http://127.0.0.1:8080 (no path, no user name), or *"
+            )
+        elif not re.fullmatch(r"https?://[^/\s?#]+", origin):
             problems.append(
                 f"CORS_ORIGINS entry {origin!r} is not an origin: write it like https://example.com (no path), or *"
             )
@@ -295,7 +374,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         problems.append(
             "RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// (got a value with another scheme)"
         )
-    elif not storage_uri.startswith("memory://") and not _storage_uri_parses(storage_uri):
+    elif not storage_uri.startswith("memory://") and not (
+            _storage_uri_parses(storage_uri) and _redis_parses(storage_uri)):
         # Never the value: what does not parse is most likely a password.
         problems.append(
             f"RATE_LIMIT_STORAGE_URI does not parse as a {storage_uri.partition('://')[0]}:// URL "
@@ -316,6 +396,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             f"METRICS_TOKEN must be at least {MIN_SECRET_LENGTH} printable characters without spaces: "
             f"{GEN_SECRET_HINT}"
         )
+    _check_proxies(env, problems)
     log_format = get("LOG_FORMAT").lower() or Config.log_format
     if log_format not in ("text", "json"):
         problems.append(f"LOG_FORMAT={get('LOG_FORMAT')!r} must be text or json")

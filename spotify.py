@@ -212,7 +212,11 @@ class AccountsClient:
         # Every call is a POST of a form to one URL with the same headers and auth: prepare those
         # once, and send each call straight through the session's mounted adapter (requests'
         # public Transport Adapter API) rather than redo the merge in Session.request every time.
-        self._headers = session.prepare_request(requests.Request("POST", self.token_url)).headers
+        try:
+            self._headers = session.prepare_request(requests.Request("POST", self.token_url)).headers
+        except (requests.RequestException, ValueError):  # config.url_problem refuses such a URL at start
+            # Without the URL: its message and traceback would show a password in it.
+            raise ValueError("SPOTIFY_ACCOUNTS_URL cannot be used by requests") from None
         self._headers["Content-Type"] = "application/x-www-form-urlencoded"
         self._adapter = session.get_adapter(self.token_url)
         self._send_options: dict[str, Any] = {
@@ -300,8 +304,21 @@ class AccountsClient:
         if self._logger is not None and self._throttle.allows(cause):
             self._logger.warning(message + " (logged at most once a minute per worker and cause)", *args)
 
+    @property
+    def proxy(self) -> str | None:
+        """The proxy calls to Spotify go through (HTTPS_PROXY and friends, as requests chose it), shown
+        without its user name or password; None when there is none."""
+        proxy = requests.utils.select_proxy(self.token_url, self._send_options["proxies"])
+        return redacted_url(proxy if "://" in proxy else "http://" + proxy) if proxy else None
+
     def _warn(self, cause: str) -> None:
         if self._logger is None or not self._throttle.allows(cause):
+            return
+        if cause == PROXY_FAILED:  # the proxy's fault, not Spotify's
+            self._logger.warning(
+                "The proxy %s failed on the way to Spotify at %s: %s; %s (logged at most once a minute per "
+                "worker and cause)", self.proxy, redacted_url(self.token_url), cause, HINTS[cause],
+            )
             return
         what = f"did not answer within {self.timeout:g} s" if cause == TIMED_OUT else "could not be reached"
         self._logger.warning(

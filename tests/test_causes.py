@@ -46,7 +46,7 @@ def check_lines(accounts_url: str, **overrides: str) -> list[str]:
     environ = {**BASE_CONFIG, "SPOTIFY_ACCOUNTS_URL": accounts_url, "SPOTIFY_TIMEOUT": "0.5", **overrides}
     check.report(environ, lines.append)
     # The line of the Spotify check (the others: configuration, storage, information).
-    return [line for line in lines if line[5:].startswith("Spotify")]
+    return [line for line in lines if line[5:].startswith(("Spotify", "the proxy"))]
 
 
 def swap_and_log(accounts_url: str, caplog, **overrides: str) -> tuple[int, list[logging.LogRecord]]:
@@ -54,7 +54,7 @@ def swap_and_log(accounts_url: str, caplog, **overrides: str) -> tuple[int, list
                       **overrides})
     with caplog.at_level(logging.WARNING, logger=app.logger.name):
         status = app.test_client().post("/swap", data={"code": "c0de"}).status_code
-    return status, [r for r in caplog.records if r.getMessage().startswith("Spotify ")]
+    return status, [r for r in caplog.records if r.getMessage().startswith(("Spotify ", "The proxy "))]
 
 
 CASES = {
@@ -87,12 +87,15 @@ def test_an_untrusted_certificate_is_named_with_the_ca_bundle_hint(tls_accounts,
     assert line.startswith("ok   Spotify accepts"), line
 
 
-def test_a_dead_proxy_is_named(tls_accounts, caplog, monkeypatch):
-    monkeypatch.setenv("HTTPS_PROXY", closed_port())
+def test_a_dead_proxy_is_named_as_the_proxy_not_as_spotify(tls_accounts, caplog, monkeypatch):
+    proxy = closed_port()
+    monkeypatch.setenv("HTTPS_PROXY", proxy.replace("http://", "http://user:PWSECRET@"))
     [line] = check_lines(tls_accounts.url)
-    assert ": proxy failed;" in line and "HTTPS_PROXY" in line
+    assert line.startswith(f"FAIL the proxy {proxy} failed on the way to Spotify at {tls_accounts.url}/api/token")
+    assert ": proxy failed;" in line and "HTTPS_PROXY" in line and "PWSECRET" not in line
     status, [record] = swap_and_log(tls_accounts.url, caplog)
-    assert status == 503 and ": proxy failed;" in record.getMessage()
+    assert status == 503 and record.getMessage().startswith(f"The proxy {proxy} failed on the way to Spotify")
+    assert "PWSECRET" not in caplog.text
 
 
 def test_a_timeout_is_named(slow_accounts, caplog):

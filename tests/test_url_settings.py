@@ -9,7 +9,8 @@ import responses
 import check
 from config import ConfigError, load_config
 from logs import redacted_url
-from tests.helpers import BASE_CONFIG
+from devtools.process import run_until_exit
+from tests.helpers import BASE_CONFIG, server_env
 
 PASSWORD = "pa55#w0rd"
 SECRET_PARTS = ("pa55", "w0rd", "hunter2", "s3cret")
@@ -103,3 +104,58 @@ def test_check_stops_at_a_storage_uri_that_does_not_parse():
     [failure] = lines
     assert failure.startswith("FAIL") and "RATE_LIMIT_STORAGE_URI" in failure
     assert "pa55" not in failure and "w0rd" not in failure
+
+
+# -- every URL setting checked at start by the parser that will use it (issue 22) ----------------------
+
+# The operator's forms: a port out of range, a password with an unencoded "/", "#" or "?", a doubled port.
+FORMS = [
+    "http://user:PWSECRET@127.0.0.1:99999",
+    "http://user:PW/SECRET@127.0.0.1:8080",
+    "http://user:PW#SECRET@127.0.0.1:8080",
+    "http://user:PW?SECRET@127.0.0.1:8080",
+    "http://user:PWSECRET@127.0.0.1:8080:8080",
+]
+
+
+def check_output(**settings: str) -> list[str]:
+    lines: list[str] = []
+    assert check.report({**BASE_CONFIG, **settings}, lines.append) is False
+    return lines
+
+
+@pytest.mark.parametrize("url", FORMS)
+def test_each_form_stops_check_naming_the_variable_and_no_credential(url):
+    [line] = check_output(SPOTIFY_ACCOUNTS_URL=url)
+    assert line.startswith("FAIL configuration: SPOTIFY_ACCOUNTS_URL=") and "cannot be used" in line
+    assert "PW" not in line and "SECRET" not in line
+
+
+@pytest.mark.parametrize("name, value", [
+    ("SPOTIFY_API_URL", "https://user:PWSECRET@api.example:8443:8443"),
+    ("HTTPS_PROXY", "http://user:PW/SECRET@127.0.0.1:3128"),
+    ("http_proxy", "user:PWSECRET@127.0.0.1:99999"),  # no scheme: requests reads it as http://
+    ("ALL_PROXY", "ftp://user:PWSECRET@127.0.0.1:21"),
+    ("RATE_LIMIT_STORAGE_URI", "redis://:PWSECRET@127.0.0.1:6379:6379/0"),
+    ("CORS_ORIGINS", "https://user:PWSECRET@app.example"),
+    ("SPOTIFY_CLIENT_CALLBACK_URL", "https://user:PWSECRET@app.example/callback"),
+    ("SPOTIFY_CLIENT_CALLBACK_URL", "https://app.example:99999/callback"),
+])
+def test_every_url_setting_is_checked_as_it_will_be_used(name, value):
+    [line] = check_output(**{name: value})
+    assert line.startswith(f"FAIL configuration: {name}") and "SECRET" not in line, line
+
+
+def test_urls_the_parsers_accept_pass():
+    config = load_config({
+        **BASE_CONFIG, "SPOTIFY_ACCOUNTS_URL": "http://user:pa%2Fss@127.0.0.1:8080", "HTTPS_PROXY": "127.0.0.1:3128",
+        "CORS_ORIGINS": "https://app.example,http://127.0.0.1:8080", "RATE_LIMIT_STORAGE_URI": "redis://:p%23w@h:6379/1",
+    })
+    assert config.cors_origins == ("https://app.example", "http://127.0.0.1:8080")
+
+
+@pytest.mark.e2e
+def test_a_real_start_with_a_bad_url_stops_naming_it_and_no_credential():
+    code, output = run_until_exit(server_env("http://user:PWSECRET@127.0.0.1:99999"))
+    assert code != 0 and "SPOTIFY_ACCOUNTS_URL" in output and "PWSECRET" not in output, output
+    assert "Traceback" not in output, output
