@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import secrets
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from urllib.parse import urlsplit
 
-import redis.connection
-import requests
-import urllib3.util
 from limits import parse_many
 
 from logs import redacted_url
@@ -141,6 +140,9 @@ def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str |
     given twice, fails every call. A password holding an unencoded "/", "?" or "#" may even parse, as
     another host: everything after that character is no longer the host.
     """
+    import requests  # here: see load_config
+    import urllib3.util
+
     scheme, separator, rest = url.partition("://")
     if not separator or scheme.lower() not in schemes:
         return f"it is not a URL starting with {' or '.join(s + '://' for s in schemes)}"
@@ -158,8 +160,8 @@ def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str |
     return None
 
 
-def _base_url(name: str, value: str, problems: list[str]) -> str:
-    problem = url_problem(value)
+def _base_url(name: str, value: str, problems: list[str], parse: bool) -> str:
+    problem = url_problem(value) if parse else None
     if problem is not None:
         problems.append(f"{name}={redacted_url(value)!r} cannot be used: {problem}; leave it unset for Spotify")
     return value.rstrip("/")
@@ -211,6 +213,8 @@ def _redirect_uri_problem(url: str) -> str | None:
     # The page builds Spotify's authorize URL from it, Spotify compares it: RFC 6749 section 3.1.2 allows
     # no fragment, and a user name or password in it would be shown on the page.
     scheme, _, rest = url.partition(":")
+    import urllib3.util  # here: see load_config
+
     if "#" in url:
         return "holds a fragment (#), which a redirect URI must not (RFC 6749 section 3.1.2)"
     if "@" in rest.lstrip("/").split("/", 1)[0]:
@@ -224,6 +228,8 @@ def _redirect_uri_problem(url: str) -> str | None:
 
 def _redis_parses(uri: str) -> bool:
     # redis-py's own parser, which limits hands redis://, rediss:// and redis+unix:// URIs to (as unix://).
+    import redis.connection  # here: see load_config
+
     scheme = uri.partition("://")[0]
     if scheme not in ("redis", "rediss", "redis+unix"):
         return True  # sentinel and cluster URIs: limits splits their hosts itself, as _storage_uri_parses does
@@ -249,6 +255,42 @@ def _check_rate(name: str, value: str, problems: list[str]) -> str | None:
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
     """Build a Config from environment variables; raise ConfigError naming every bad one."""
     env = os.environ if environ is None else environ
+    # URL settings are parsed by requests (urllib3) and redis-py, which import names from ssl. In gunicorn's
+    # master they must not be imported: its gevent workers patch ssl after the fork, and a name imported
+    # before stays unpatched (gevent warns). There, a child process parses them and says what it found.
+    if not ({"urllib3", "redis"} & set(sys.modules)) and hasattr(os, "fork"):
+        problems = _problems_in_child(env)
+        if problems:
+            raise ConfigError(problems)
+        return _load(env, parse=False)
+    return _load(env, parse=True)
+
+
+def _problems_in_child(env: Mapping[str, str]) -> list[str]:
+    """What _load finds wrong with `env`, found by a forked child process (see load_config)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: parse, write the problems, and leave without running any cleanup
+        try:
+            os.close(read)
+            try:
+                _load(env, parse=True)
+                found: list[str] = []
+            except ConfigError as err:
+                found = err.problems
+            with os.fdopen(write, "wb") as pipe:
+                pipe.write(json.dumps(found).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read()
+    os.waitpid(pid, 0)
+    # A child that died saying nothing: the workers parse the URLs again, and refuse to start.
+    return list(json.loads(said)) if said else []
+
+
+def _load(env: Mapping[str, str], parse: bool) -> Config:
     problems: list[str] = []
 
     def get(name: str) -> str:
@@ -276,7 +318,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             problems.append(
                 f"SPOTIFY_CLIENT_CALLBACK_URL entry {url!r} is not a URI: it needs a scheme, e.g. myapp://callback"
             )
-        elif problem := _redirect_uri_problem(url):
+        elif parse and (problem := _redirect_uri_problem(url)):
             problems.append(f"SPOTIFY_CLIENT_CALLBACK_URL entry {position} ({redacted_url(url)!r}) {problem}")
 
     encryption_secrets = _split(required("ENCRYPTION_SECRET", GEN_SECRET_HINT))
@@ -321,8 +363,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
                 "s, h or d (e.g. 90s, 12h, 184d), above 0; months and minutes are not units here"
             )
 
-    accounts_url = _base_url("SPOTIFY_ACCOUNTS_URL", get("SPOTIFY_ACCOUNTS_URL") or Config.accounts_url, problems)
-    api_url = _base_url("SPOTIFY_API_URL", get("SPOTIFY_API_URL") or Config.api_url, problems)
+    accounts_url = _base_url(
+        "SPOTIFY_ACCOUNTS_URL", get("SPOTIFY_ACCOUNTS_URL") or Config.accounts_url, problems, parse)
+    api_url = _base_url("SPOTIFY_API_URL", get("SPOTIFY_API_URL") or Config.api_url, problems, parse)
 
     timeout = Config.timeout
     if get("SPOTIFY_TIMEOUT"):
@@ -339,7 +382,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     for position, origin in enumerate(cors_origins, 1):
         if origin == "*":
             continue
-        if "@" in origin or url_problem(origin) is not None:
+        if "@" in origin or (parse and url_problem(origin) is not None):
             # What a browser sends as Origin never holds a user name or password: never show one.
             problems.append(
                 f"CORS_ORIGINS entry {position} ({redacted_url(origin)!r}) is not an origin: write it as a "
@@ -375,7 +418,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// (got a value with another scheme)"
         )
     elif not storage_uri.startswith("memory://") and not (
-            _storage_uri_parses(storage_uri) and _redis_parses(storage_uri)):
+            _storage_uri_parses(storage_uri) and (not parse or _redis_parses(storage_uri))):
         # Never the value: what does not parse is most likely a password.
         problems.append(
             f"RATE_LIMIT_STORAGE_URI does not parse as a {storage_uri.partition('://')[0]}:// URL "
@@ -396,7 +439,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             f"METRICS_TOKEN must be at least {MIN_SECRET_LENGTH} printable characters without spaces: "
             f"{GEN_SECRET_HINT}"
         )
-    _check_proxies(env, problems)
+    if parse:
+        _check_proxies(env, problems)
     log_format = get("LOG_FORMAT").lower() or Config.log_format
     if log_format not in ("text", "json"):
         problems.append(f"LOG_FORMAT={get('LOG_FORMAT')!r} must be text or json")

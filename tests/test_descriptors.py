@@ -28,7 +28,7 @@ from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 
 import crypto
-from config import DEV_VARIABLES, SERVER_VARIABLES, VARIABLES, generate_secret, load_config
+from config import DEV_VARIABLES, PROXY_VARIABLES, SERVER_VARIABLES, VARIABLES, generate_secret, load_config
 from tests.helpers import BASE_CONFIG
 from devtools.process import free_port, wait_until_up, web_command
 
@@ -208,7 +208,8 @@ def test_config_reads_exactly_the_listed_variables():
     """VARIABLES, which every descriptor is checked against, is what load_config really reads."""
     environ = _Recording({**DUMMIES, "ENCRYPTION_SECRET": generate_secret()})
     load_config(environ)
-    assert environ.read == set(VARIABLES) | set(DEV_VARIABLES)
+    # And the proxy variables requests reads, checked at start as it will read them (not the service's own).
+    assert environ.read == set(VARIABLES) | set(DEV_VARIABLES) | set(PROXY_VARIABLES)
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
@@ -223,7 +224,7 @@ def test_gunicorn_conf_is_settings_computed_by_server_and_reads_exactly_the_serv
     environ = _Recording({**os.environ, **DUMMIES, "ENCRYPTION_SECRET": generate_secret(), "LOG_FORMAT": log_format})
     monkeypatch.setattr(os, "environ", environ)
     settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    assert environ.read - set(VARIABLES) - set(DEV_VARIABLES) == set(SERVER_VARIABLES)
+    assert environ.read - set(VARIABLES) - set(DEV_VARIABLES) - set(PROXY_VARIABLES) == set(SERVER_VARIABLES)
     config = load_config(environ)
     assert (settings["bind"], settings["workers"]) == (server.bind_address(environ), server.worker_count(environ))
     assert settings["graceful_timeout"] == settings["timeout"] == server.stop_seconds(config)
