@@ -681,22 +681,20 @@ def token_format() -> TokenFormat:
         (line,) = [line for line in lines if re.search(pattern, line)]
         return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
-    (offsets,) = [line.split()[1:] for line in lines if line.strip().startswith("offset ")]
-    fields = row(r"^\s*\|\s*version\s*\|")
-    values = row(r"^\s*\|\s*0x[0-9a-f]{2}\s*\|")
-    sizes = {
-        name: int(match.group(1))
-        for name, value in zip(fields, values)
-        if (match := re.fullmatch(r"(\d+) bytes(, random)?", value))
-    }
-    (plaintext_offsets,) = [line.split()[2:] for line in lines if line.strip().startswith("plaintext offset ")]
-    plaintext_fields = row(r"^\s*\|\s*signed in at\s*\|")
-    plaintext_values = row(r"^\s*\|\s*8 bytes, big-endian\s*\|")
-    plaintext_sizes = {
-        name: int(match.group(1))
-        for name, value in zip(plaintext_fields, plaintext_values)
-        if (match := re.match(r"(\d+) bytes", value))
-    }
+    def diagram(label: str, names: str, cells: str) -> tuple[list[str], list[str], list[str], dict[str, int]]:
+        """A diagram's offsets (the line starting with `label`), field names, cells and fixed sizes."""
+        (offsets,) = [line.split()[len(label.split()):] for line in lines if line.strip().startswith(label + " ")]
+        fields, values = row(names), row(cells)
+        sizes = {
+            name: int(match.group(1)) for name, value in zip(fields, values)
+            if (match := re.fullmatch(r"(\d+) bytes(, random|, big-endian)?", value))
+        }
+        return offsets, fields, values, sizes
+
+    offsets, fields, values, sizes = diagram("offset", r"^\s*\|\s*version\s*\|", r"^\s*\|\s*0x[0-9a-f]{2}\s*\|")
+    plaintext_offsets, plaintext_fields, _, plaintext_sizes = diagram(
+        "plaintext offset", r"^\s*\|\s*signed in at\s*\|", r"^\s*\|\s*8 bytes, big-endian\s*\|"
+    )
     derivations = {
         match[1]: (match[2].encode(), match[3].encode(), int(match[4]))
         for match in re.finditer(
