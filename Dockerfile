@@ -31,8 +31,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"]
 
 # gunicorn finishes in-flight requests on SIGTERM; SIGINT (Fly's default) would cut them off. A stop may
-# take up to graceful_timeout (35 s with SPOTIFY_TIMEOUT=10; docs/operations.md, "Stopping"): give the
-# container that long (docker run --stop-timeout 40, compose's stop_grace_period: 40s, Fly's kill_timeout).
+# take up to graceful_timeout (40 s with SPOTIFY_TIMEOUT=10; docs/operations.md, "Stopping"): give the
+# container that long (docker run --stop-timeout 45, compose's stop_grace_period: 45s, Fly's kill_timeout).
 STOPSIGNAL SIGTERM
 
 # The Procfile's web command, in exec form: gunicorn is PID 1 and receives the stop signal itself.

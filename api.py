@@ -1,4 +1,5 @@
-"""The token endpoint (swap and refresh, RFC 6749 sections 4.1.3 and 6) and GET /health, as the `api` blueprint."""
+"""The token endpoint (swap and refresh, RFC 6749 sections 4.1.3 and 6) and the health checks (GET /health, /livez,
+/readyz), as the `api` blueprint."""
 
 from __future__ import annotations
 
@@ -45,8 +46,39 @@ bp = Blueprint("api", __name__)
 
 @bp.get("/health")
 def health() -> Response:
-    """Up and serving: what load balancers and platforms poll."""
+    """Up and serving, as /livez: what the deploy descriptors' health checks poll (app.json, render.yaml, the
+    Dockerfile)."""
     return json_response({"status": "ok"})
+
+
+@bp.get("/livez")
+def livez() -> Response:
+    """The process answers: what a supervisor that restarts a hung instance polls (a liveness probe). Nothing
+    outside the process is asked, so a Redis outage never restarts every instance."""
+    return json_response({"status": "ok"})
+
+
+# What a readiness check seals and opens: the keys are loaded and work.
+_PROBE = "readiness-probe"
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Whether this instance should get requests: it is not stopping, its keys seal and open a token, and the
+    rate limits' shared storage (Redis) answers when one is configured. What a load balancer's active health
+    check and a readiness probe poll; 503 from the moment a stop begins (STOP_DELAY, docs/operations.md)."""
+    svc = resources()
+    if svc.stopping:
+        raise OAuthError(503, "temporarily_unavailable", "Not ready: this instance is stopping")
+    try:
+        opens = svc.sealer.open(svc.sealer.seal(_PROBE)).refresh_token == _PROBE
+    except InvalidToken:
+        opens = False
+    if not opens:
+        raise OAuthError(503, "temporarily_unavailable", "Not ready: the encryption keys do not open a token")
+    if not ratelimit.storage_answers():
+        raise OAuthError(503, "temporarily_unavailable", "Not ready: the rate limits' storage does not answer")
+    return json_response({"status": "ready"})
 
 
 def swap() -> Response:

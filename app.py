@@ -64,7 +64,14 @@ def _finding_commands() -> bool:
 
 
 class TokenSwap(Flask):
-    """Flask, with preflight (OPTIONS) answers that are an empty 204 rather than an empty text/html 200."""
+    """Flask, with preflight (OPTIONS) answers that are an empty 204 rather than an empty text/html 200, and
+    told when its process begins to stop."""
+
+    def begin_stop(self) -> None:
+        """A stop has begun (server.Worker calls this on SIGTERM): GET /readyz answers 503 from now on."""
+        svc = self.extensions.get("tokenswap")
+        if svc is not None:
+            svc.stopping = True
 
     def make_default_options_response(self) -> Response:
         response = super().make_default_options_response()

@@ -40,6 +40,7 @@ VARIABLES: dict[str, str] = {
     "CLIENT_CREDENTIALS": "App-only tokens (grant_type=client_credentials) for anyone who asks: on or off (default off)",
     "METRICS_TOKEN": "Bearer token that GET /metrics (Prometheus) requires, at least 16 characters; unset turns metrics off (default: off)",
     "LOG_FORMAT": "text (readable lines) or json (one JSON object per line) (default text)",
+    "STOP_DELAY": "Seconds a stopping instance goes on serving, GET /readyz answering 503, before it closes its port, so that a load balancer's health check takes it out first; 0 for none (default 5)",
 }
 
 # Read by gunicorn.conf.py, not by the application.
@@ -72,6 +73,8 @@ MAX_BODY_BYTES = 64 * 1024
 # What a stop allows beyond the longest request: the worker's once-a-second check that its
 # requests are done, the answer's write, and scheduling under load.
 STOP_MARGIN = 5
+# The longest STOP_DELAY: a balancer's health check notices within seconds.
+MAX_STOP_DELAY = 120
 # Where the service is installed, `flask` is on PATH (Heroku, Render, the image); in a checkout it is the venv's.
 GEN_SECRET_HINT = "generate one with: flask --app app gen-secret (in a checkout: .venv/bin/flask --app app gen-secret)"
 
@@ -110,6 +113,7 @@ class Config:
     client_credentials: bool = False
     metrics_token: str | None = None
     log_format: str = "text"
+    stop_delay: float = 5.0
     # What make run found: "accepted", "failed", "stand-in", or None (not started by make run).
     credentials_checked: str | None = None
     check_failures: tuple[str, ...] = ()  # make run's check's failed lines, each naming what to change
@@ -445,6 +449,17 @@ def _load(env: Mapping[str, str], parse: bool) -> Config:
     if log_format not in ("text", "json"):
         problems.append(f"LOG_FORMAT={get('LOG_FORMAT')!r} must be text or json")
 
+    stop_delay = Config.stop_delay
+    if get("STOP_DELAY"):
+        try:
+            stop_delay = float(get("STOP_DELAY"))
+            if not 0 <= stop_delay <= MAX_STOP_DELAY:
+                raise ValueError
+        except ValueError:
+            problems.append(
+                f"STOP_DELAY={get('STOP_DELAY')!r} must be a number of seconds between 0 and {MAX_STOP_DELAY} (default 5)"
+            )
+
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -468,6 +483,7 @@ def _load(env: Mapping[str, str], parse: bool) -> Config:
         client_credentials=client_credentials,
         metrics_token=metrics_token,
         log_format=log_format,
+        stop_delay=stop_delay,
         credentials_checked=get("TOKENSWAP_CREDENTIALS_CHECKED") or None,
         check_failures=tuple(line.strip() for line in get("TOKENSWAP_CHECK_FAILED").splitlines() if line.strip()),
     )

@@ -25,10 +25,10 @@ worker_class = "server.Worker"
 # soft limit is raised to the hard one first, in the master, before the workers inherit it.
 worker_connections = server.worker_connections()
 
-# A stop waits for the longest request the service may have admitted plus a margin (server.stop_seconds:
-# 35 s with the default SPOTIFY_TIMEOUT of 10), so no admitted request is killed by a stop (docs/operations.md,
-# "Stopping"). A gevent worker's heartbeat does not wait on requests: `timeout` only catches a worker whose
-# loop is stuck, and is never shorter.
+# A stop goes on serving for STOP_DELAY (5 s by default; GET /readyz answering 503), then waits for the longest
+# request the service may have admitted plus a margin (server.stop_seconds: 40 s with the defaults), so no
+# admitted request is killed by a stop (docs/operations.md, "Stopping"). A gevent worker's heartbeat does not
+# wait on requests: `timeout` only catches a worker whose loop is stuck, and is never shorter.
 graceful_timeout = server.stop_seconds(service_config)
 timeout = graceful_timeout
 # How long an idle connection is kept, and, the same timer in gunicorn, how long a client may take

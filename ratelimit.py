@@ -156,6 +156,12 @@ def admit(refresh_token: str | None = None) -> None:
         g.ratelimit_in_flight = key
 
 
+def storage_answers() -> bool:
+    """Whether the current app's rate-limit storage answers (GET /readyz): True with no limits or memory://."""
+    limits: Limits | None = current_app.extensions.get("ratelimit")
+    return limits is None or limits.storage_answers()
+
+
 def client_key() -> str:
     """The client's address as its budget knows it: one spelling per address, one per IPv6 /64."""
     key = canonical_address(request.remote_addr or "")
@@ -285,6 +291,16 @@ class Limits:
     @property
     def counts_failures(self) -> bool:
         return bool(self._failures)
+
+    def storage_answers(self) -> bool:
+        """Whether the shared storage (Redis) answers now (one round trip, bounded by its socket timeouts);
+        always True for this process's memory."""
+        if isinstance(self._storage, ProcessMemory):
+            return True
+        try:
+            return bool(self._storage.check())
+        except Exception:  # check() says False for the errors it knows; any other is no answer either
+            return False
 
     def check(self, key: str) -> None:
         """Raise Refused if this client has no failures left in its budget."""

@@ -47,6 +47,8 @@ class Resources:
             gate=gate,  # the brake every call passes first
         )
         self.app_tokens = AppTokens()
+        # The process's stop has begun (app.TokenSwap.begin_stop): no longer ready for more requests.
+        self.stopping = False
 
     def now(self) -> int:
         """The time, in whole seconds since the epoch (UTC)."""

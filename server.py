@@ -5,8 +5,9 @@ The start (`start_config`, `bind_address`, `worker_count`, `worker_connections`,
 loaded, the configuration checked (a bad one ends the start, naming each variable), the open-file limit
 raised, before any port is bound or worker forked.
 
-`worker_class = "server.Worker"`: gunicorn's gevent worker, which also knows which of its connections are
-waiting for a request, so that a stop drains them (answers that close their connection), then closes the
+`worker_class = "server.Worker"`: gunicorn's gevent worker, which on SIGTERM goes on serving for STOP_DELAY
+while GET /readyz answers 503, and knows which of its connections are waiting for a request, so that a stop
+then drains them (answers that close their connection), then closes the
 idle ones, and lets every request whose headers have arrived finish, its body included; the workers of a
 killed master stop the same way (docs/operations.md, "Stopping").
 `logger_class = "server.Logger"`: gunicorn's logger, with no code, token or forged line in what it writes.
@@ -141,7 +142,8 @@ class _Stopping(Exception):
 class Worker(GeventWorker):
     """gunicorn's gevent worker (the `worker_class` setting), whose stop loses no request.
 
-    On SIGTERM (or when its master is gone) it stops accepting connections (gunicorn does, within a
+    On SIGTERM it first goes on serving for STOP_DELAY, the app's GET /readyz answering 503 (handle_exit).
+    Then (or at once when its master is gone) it stops accepting connections (gunicorn does, within a
     second); for DRAIN_SECONDS it keeps answering requests that arrive on its open connections, each
     answer saying `Connection: close`; then it closes the connections still waiting for a request.
     gunicorn waits for every connection's greenlet before a worker exits, and one waiting for a request
@@ -154,6 +156,9 @@ class Worker(GeventWorker):
     """
 
     def init_process(self) -> None:
+        # How long a stop goes on serving, GET /readyz answering 503, before gunicorn's stop begins.
+        self.stop_delay = load_config().stop_delay
+        self.announced = False  # SIGTERM came: the app says it is not ready, the delay runs
         self.connections: set[socket.socket] = set()
         self.waiting: set[greenlet] = set()
         self.requests: set[Request] = set()
@@ -189,7 +194,26 @@ class Worker(GeventWorker):
         return _WaitForRequest(self)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """SIGTERM: gunicorn's graceful stop, with a drain."""
+        """SIGTERM: GET /readyz answers 503 at once; the worker goes on listening and serving as usual for
+        STOP_DELAY, time for a load balancer that checks /readyz to stop sending it requests, then begins
+        gunicorn's graceful stop, with a drain. The master has closed its own copy of the listening sockets,
+        but the port stays open as long as a worker holds it: nothing waiting in its queue is reset."""
+        if self.announced:
+            return
+        self.announced = True
+        begin_stop = getattr(getattr(self, "wsgi", None), "begin_stop", None)
+        if callable(begin_stop):  # app.TokenSwap's: the app says it is stopping
+            begin_stop()
+        if self.stop_delay > 0:
+            self.log.info("Stopping in %s s (STOP_DELAY): serving meanwhile, GET /readyz answering 503",
+                          self.stop_delay)
+            # From a signal handler, which must not block: a greenlet of its own.
+            gevent.spawn_later(self.stop_delay, self.stop_now, sig, frame)
+        else:
+            self.stop_now(sig, frame)
+
+    def stop_now(self, sig: int, frame: FrameType | None) -> None:
+        """gunicorn's graceful stop, with a drain."""
         super().handle_exit(sig, frame)
         self.stop()
 
@@ -354,10 +378,11 @@ def worker_count(environ: Mapping[str, str] | None = None) -> int:
 
 
 def stop_seconds(config: Config) -> int:
-    """gunicorn's graceful_timeout: the longest request the service may have admitted (body, queue wait
-    and Spotify call; 30 s with the default SPOTIFY_TIMEOUT of 10) plus STOP_MARGIN, whole seconds, so
+    """gunicorn's graceful_timeout, and the grace period a platform must give: STOP_DELAY (5 s by default),
+    during which the instance still accepts requests, then the longest of those requests (body, queue wait
+    and Spotify call; 30 s with the default SPOTIFY_TIMEOUT of 10), plus STOP_MARGIN, whole seconds, so
     that no admitted request is killed by a stop (docs/operations.md, "Stopping")."""
-    return math.ceil(longest_request_seconds(config) + STOP_MARGIN)
+    return math.ceil(config.stop_delay + longest_request_seconds(config) + STOP_MARGIN)
 
 
 def _stop(problem: str) -> NoReturn:

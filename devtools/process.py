@@ -86,6 +86,8 @@ class Server:
             # Every setting of the service blank (unset) unless given: gunicorn.conf.py reads a developer's
             # .env for what the environment leaves out, and that must not change what a test runs with.
             **dict.fromkeys(VARIABLES, ""),
+            # A stop begins at once unless a test asks for the delay a load balancer needs (STOP_DELAY).
+            "STOP_DELAY": "0",
             # gunicorn from the Python running the tests, its virtualenv activated or not (`make test`).
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "HOME": os.environ.get("HOME", "/tmp"),

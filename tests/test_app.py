@@ -423,6 +423,37 @@ def test_health(client, spotify):
     assert len(spotify.calls) == 0
 
 
+@pytest.mark.parametrize("path, body", [("/livez", {"status": "ok"}), ("/readyz", {"status": "ready"})])
+def test_live_and_ready(client, spotify, path, body):
+    response = client.get(path)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == JSON_CT
+    assert response.get_json() == body
+    assert len(spotify.calls) == 0
+
+
+def test_not_ready_once_a_stop_begins_but_still_alive(app, spotify):
+    """server.Worker calls begin_stop on SIGTERM: /readyz says 503 at once, /livez and /health stay 200, and the
+    token endpoint still serves (the instance goes on serving for STOP_DELAY)."""
+    client = app.test_client()
+    app.begin_stop()
+    assert_error(client.get("/readyz"), 503, "temporarily_unavailable", "Not ready: this instance is stopping")
+    assert client.get("/livez").status_code == 200
+    assert client.get("/health").status_code == 200
+    expect(spotify, swap_form(), json={**TOKENS, "refresh_token": RAW_REFRESH})
+    assert client.post("/swap", data={"code": CODE}).status_code == 200
+
+
+def test_not_ready_while_the_rate_limits_redis_does_not_answer(make_client, spotify):
+    """Nothing listens at the storage's port: /readyz says so; /livez never asks it."""
+    from devtools.process import free_port
+
+    client = make_client(RATE_LIMIT_FAILURES="60/minute", RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}")
+    assert_error(client.get("/readyz"), 503, "temporarily_unavailable",
+                 "Not ready: the rate limits' storage does not answer")
+    assert client.get("/livez").status_code == 200
+
+
 # Unexpected failures: 500 JSON, a traceback in the log, nothing secret anywhere
 
 

@@ -127,6 +127,10 @@ def test_callback_without_scheme_is_refused():
         ("UNSEALED_TOKENS_UNTIL", "2027-02-30"),
         ("UNSEALED_TOKENS_UNTIL", "30/06/2027"),
         ("UNSEALED_TOKENS_UNTIL", "20270630"),
+        ("STOP_DELAY", "-1"),
+        ("STOP_DELAY", "121"),
+        ("STOP_DELAY", "soon"),
+        ("STOP_DELAY", "nan"),
     ],
 )
 def test_invalid_optional_value_is_refused_by_name(name, value):
@@ -179,6 +183,7 @@ def test_defaults():
     assert config.trusted_proxies == 0
     assert config.refresh_token_lifetime == 184 * 86400  # the longest six calendar months
     assert config.unsealed_until is None and config.spotifyapiserver_secret is None
+    assert config.stop_delay == 5
 
 
 def test_blank_optional_values_mean_their_defaults():
@@ -197,6 +202,7 @@ def test_blank_optional_values_mean_their_defaults():
             "SPOTIFYAPISERVER_SECRET_KEY",
             "UNSEALED_TOKENS_UNTIL",
             "REFRESH_TOKEN_LIFETIME",
+            "STOP_DELAY",
         )
     }
     assert load_config({**MINIMAL, **blank}) == load_config(MINIMAL)
@@ -235,8 +241,10 @@ def test_values_are_parsed():
             "SPOTIFY_MAX_RATE": "50/second",
             "RATE_LIMIT_STORAGE_URI": "redis://127.0.0.1:6379",
             "LEGACY_ENCRYPTION_SECRET": "old",
+            "STOP_DELAY": "0",
         }
     )
+    assert config.stop_delay == 0
     assert config.accounts_url == "http://127.0.0.1:8080"
     assert config.api_url == "http://127.0.0.1:8081"
     assert config.timeout == 2.5

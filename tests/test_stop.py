@@ -220,13 +220,16 @@ def test_a_worker_gunicorn_retires_itself_drains_too_instead_of_holding_idle_con
     assert "graceful timeout" not in output and "[ERROR]" not in output and "Traceback" not in output, output
 
 
-@pytest.mark.parametrize("spotify_timeout, expected", [("10", 35), ("300", 615), ("0.5", 16)])
-def test_graceful_timeout_outlasts_the_longest_request_the_service_admits(spotify_timeout, expected):
-    """gunicorn.conf.py's graceful_timeout (and worker timeout, the same): body + queue wait + Spotify call + margin."""
+@pytest.mark.parametrize("spotify_timeout, stop_delay, expected",
+                         [("10", 5, 40), ("300", 5, 620), ("0.5", 5, 21), ("10", 0, 35), ("10", 12.5, 48)])
+def test_graceful_timeout_outlasts_the_stop_delay_and_the_longest_request_the_service_admits(
+        spotify_timeout, stop_delay, expected):
+    """gunicorn.conf.py's graceful_timeout (and worker timeout, the same): STOP_DELAY (default 5), during which
+    requests are still accepted, + body + queue wait + Spotify call + margin."""
     config = Config(client_id="i", client_secret="s", callback_urls=("a:b",), encryption_secrets=("x" * 16,),
-                    timeout=float(spotify_timeout))
+                    timeout=float(spotify_timeout), stop_delay=stop_delay)
     assert longest_request_seconds(config) == BODY_TIMEOUT + 2 * float(spotify_timeout)
-    assert stop_seconds(config) == expected >= longest_request_seconds(config) + STOP_MARGIN
+    assert stop_seconds(config) == expected >= config.stop_delay + longest_request_seconds(config) + STOP_MARGIN
     assert isinstance(stop_seconds(config), int)  # gunicorn refuses a float
 
 
@@ -245,6 +248,40 @@ def test_the_docs_quote_the_stop_time_gunicorn_conf_computes_and_grace_periods_a
     grace_periods = [int(number) for groups in found for number in groups if number]
     assert len(grace_periods) == 3 and min(grace_periods) > graceful, grace_periods
     assert f"({graceful} s with SPOTIFY_TIMEOUT=10" in (ROOT / "Dockerfile").read_text()
+
+
+def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connections_are_still_served():
+    """STOP_DELAY=3: from SIGTERM, /readyz answers 503 on new connections, while swaps on new connections and on a
+    keep-alive one still get their 200 (a balancer checking /readyz has time to stop sending); only after the delay
+    does the port close. No error logged, a clean exit."""
+    delay = 3.0
+    with FakeAccounts() as fake, Server(server_env(fake.url, STOP_DELAY=str(delay))) as server:
+        address = ("127.0.0.1", server.port)
+        kept = socket.create_connection(address, timeout=10)
+        kept.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(kept)[0] == 200
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: requests.get(server.url + "/readyz", headers={"Connection": "close"}, timeout=5).status_code
+                 == 503, 5, "/readyz answering 503")
+        # Not ready, yet serving: on a new connection, and on one kept alive from before the stop.
+        served = requests.post(server.url + "/swap", data={"code": f"code-{uuid.uuid4().hex}"},
+                               headers={"Connection": "close"}, timeout=10)
+        kept.sendall(swap_request(f"code-{uuid.uuid4().hex}"))
+        kept_status, kept_headers, _ = read_answer(kept)
+        answered_within = time.monotonic() - signalled
+        wait_for(lambda: refused(address), delay + 10, "the port closed after the delay")
+        closed_after = time.monotonic() - signalled
+        kept.close()
+        exit_code = server.process.wait(20)
+        output = server.output()
+    assert served.status_code == 200, served.text
+    assert kept_status == 200 and kept_headers.get("connection") != "close"
+    # Timers never fire early: the port cannot close before the delay, however loaded the machine.
+    assert answered_within < closed_after and closed_after >= delay, (answered_within, closed_after)
+    assert output.count("Stopping in 3.0 s (STOP_DELAY)") == 2  # each worker
+    assert exit_code == 0
+    assert "[ERROR]" not in output and "Traceback" not in output, output
 
 
 def test_the_workers_of_a_killed_master_finish_what_they_hold_then_exit():
