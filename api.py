@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -42,6 +43,16 @@ _OPAQUE = re.compile(r"[\x21-\x7e]{1,4096}")
 _CODE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 
 bp = Blueprint("api", __name__)
+
+# The contract: every path, body, answer, header and error, as OpenAPI 3.1 (the one source; read once).
+OPENAPI = Path(__file__).resolve().parent / "openapi.json"
+_OPENAPI_DOCUMENT = OPENAPI.read_bytes()
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """This service's OpenAPI document, as it is in the repository."""
+    return Response(_OPENAPI_DOCUMENT, 200, {"Cache-Control": "no-cache"}, mimetype="application/json")
 
 
 @bp.get("/health")

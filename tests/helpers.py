@@ -206,7 +206,7 @@ def assert_token_answer(response) -> dict:
 # What the three commands need, copied into a directory of its own with its own .env: every module of
 # the service (whatever modules it grows), its files, and the development stand-in for Spotify.
 FILES = tuple(sorted(p.name for p in ROOT.glob("*.py"))) + (
-    "Procfile", ".env.example", "templates", "static", "devtools")
+    "Procfile", ".env.example", "openapi.json", "templates", "static", "devtools")
 
 
 def copy_of_the_service(directory: Path) -> Path:
