@@ -110,6 +110,12 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# One of each per process: the app's logger and Flask's default handler are the process's (every app
+# named "app" shares them), and adding the same filter again is a no-op, so creating apps adds nothing.
+_REQUEST_IDS = RequestIdFilter()
+_TEXT_FORMATTER = logging.Formatter(TEXT_FORMAT)
+
+
 def init_app(app: Flask) -> None:
     """Echo each request's id in its answer, and put it on the app logger's lines."""
 
@@ -122,9 +128,9 @@ def init_app(app: Flask) -> None:
         response.headers[HEADER] = request_id()
         return response
 
-    app.logger.addFilter(RequestIdFilter())
+    app.logger.addFilter(_REQUEST_IDS)
     # Flask's own handler (text mode; under LOG_FORMAT=json the root's JSON handler serves instead).
-    default_handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    default_handler.setFormatter(_TEXT_FORMATTER)
 
 
 class JsonFormatter(logging.Formatter):

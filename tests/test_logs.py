@@ -69,6 +69,15 @@ def test_the_app_logs_it_on_every_line_of_the_request(app, caplog):
     assert logging.Formatter(logs.TEXT_FORMAT).format(record).endswith("(request req-warn)")
 
 
+
+def test_creating_apps_adds_nothing_to_the_processs_loggers():
+    """The app logger and Flask's handler are the process's: a second create_app adds no second filter."""
+    from tests.helpers import BASE_CONFIG, app_for
+
+    first, second = app_for(BASE_CONFIG), app_for(BASE_CONFIG)
+    assert first.logger is second.logger
+    assert [type(f) for f in second.logger.filters].count(logs.RequestIdFilter) == 1
+
 # -- the JSON formatter -----------------------------------------------------------------------------
 
 
