@@ -27,6 +27,7 @@ run: python $(VENV)/.run-installed
 test: python $(VENV)/.test-installed test-tools
 	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory tests/node/node_modules/.installed; fi
 	$(VENV)/bin/python -m mypy
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 # tests/tools.py as a pytest plugin: where CI is set (.ci/run), a skipped test is a failure.
 test: export PYTEST_PLUGINS = tests.tools

@@ -36,7 +36,9 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
         except ConfigError as err:
             if _finding_commands():
                 return app  # gen-secret and check need no configuration: check reports this one
-            raise click.ClickException(str(err)) if click.get_current_context(silent=True) else err
+            if click.get_current_context(silent=True):
+                raise click.ClickException(str(err)) from err
+            raise
     logs.init_app(app)
     resources.init_app(app, config, observer=metrics.init_app(app, config, api.ENDPOINT_GRANTS),
                        gate=brake.init_app(app, config), clock=clock)

@@ -10,7 +10,7 @@ import secrets
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from urllib.parse import urlsplit
 
 from limits import parse_many
@@ -438,7 +438,7 @@ def _load(env: Mapping[str, str], parse: bool) -> Config:
 
     # Metrics (issue 16): the token a scraper sends; the log lines' format.
     metrics_token = get("METRICS_TOKEN") or None
-    if metrics_token is not None and not re.fullmatch(r"[\x21-\x7e]{%d,}" % MIN_SECRET_LENGTH, metrics_token):
+    if metrics_token is not None and not re.fullmatch(rf"[\x21-\x7e]{{{MIN_SECRET_LENGTH},}}", metrics_token):
         problems.append(
             f"METRICS_TOKEN must be at least {MIN_SECRET_LENGTH} printable characters without spaces: "
             f"{GEN_SECRET_HINT}"
@@ -513,7 +513,7 @@ def token_settings(config: Config, now: float) -> list[str]:
     until = config.unsealed_until
     if until is None:
         lines.append("raw Spotify refresh tokens are refused (UNSEALED_TOKENS_UNTIL is not set)")
-    elif datetime.fromtimestamp(now, timezone.utc).date() <= until:
+    elif datetime.fromtimestamp(now, UTC).date() <= until:
         lines.append(f"raw Spotify refresh tokens are accepted and sealed through {until.isoformat()} UTC "
                      "(UNSEALED_TOKENS_UNTIL)")
     else:

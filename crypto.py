@@ -17,7 +17,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
 from Crypto.Cipher import AES, DES3
@@ -193,7 +193,7 @@ class UnsealedTokens:
 
     def __init__(self, until: date, clock: Callable[[], float] = time.time):
         # Through the whole of `until`: refused from 00:00 UTC of the day after.
-        self.ends_at = datetime.combine(until + timedelta(days=1), datetime.min.time(), timezone.utc).timestamp()
+        self.ends_at = datetime.combine(until + timedelta(days=1), datetime.min.time(), UTC).timestamp()
         self._clock = clock
 
     def open(self, token: str) -> Opened:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO, cast
 
 from flask import Flask, Response, g, has_request_context, request
@@ -31,7 +31,7 @@ ENVIRON_KEY = "tokenswap.request_id"
 _VALID_ID = re.compile(r"[\x21-\x7e]{1,200}")
 # gunicorn's access-line atoms, by the names JSON lines give them (the same atoms as the text line).
 ACCESS_ATOMS = {"client": "h", "method": "m", "path": "U", "status": "s", "bytes": "B", "ms": "M"}
-_ACCESS_ID_ATOM = "{%s}e" % ENVIRON_KEY
+_ACCESS_ID_ATOM = f"{{{ENVIRON_KEY}}}e"
 # Text lines of the app's own logger: Flask's format, and the request id.
 TEXT_FORMAT = "[%(asctime)s] %(levelname)s in %(module)s: %(message)s (request %(request_id)s)"
 
@@ -138,7 +138,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,

@@ -23,6 +23,7 @@ from flask import Flask, Response, current_app, g, request
 from limits import RateLimitItem, parse_many
 from limits.storage import Storage
 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.util import WindowStats
 
 import logs
 from admission import Admission, WindowCount
@@ -305,14 +306,13 @@ class Limits:
     def check(self, key: str) -> None:
         """Raise Refused if this client has no failures left in its budget."""
         for item in self._failures:
-            if not self._use(lambda c: c.counter.test(item, "failures", key)):
-                reset_at = self._use(lambda c: c.counter.get_window_stats(item, "failures", key)).reset_time
-                raise Refused(_retry_after(reset_at), Refused.FAILURES)
+            if not self._test(item, "failures", key):
+                raise Refused(self._reset(item, "failures", key), Refused.FAILURES)
 
     def count_failure(self, key: str) -> None:
         """Count one failed request against this client."""
         for item in self._failures:
-            self._use(lambda c: c.counter.hit(item, "failures", key))
+            self._hit(item, "failures", key)
 
     def count_success(self, key: str) -> None:
         """Count one successful request of this client (never shared: it only sizes admit)."""
@@ -333,7 +333,7 @@ class Limits:
         if refresh_token is not None:
             token = _token_key(refresh_token)
             for item in self._per_token:
-                if not self._use(lambda c: c.moving.test(item, "token", token)):
+                if not self._test(item, "token", token):
                     raise Refused(self._reset(item, "token", token), Refused.TOKEN)
             spend += [(item, "token", token) for item in self._per_token]
         if self._failures:
@@ -352,8 +352,8 @@ class Limits:
         # How many calls of this client may be in flight: its failures left plus the room its
         # successes earned, under every failure limit.
         room = []
-        for item, successes in zip(self._failures, self._successes):
-            stats = self._use(lambda c: c.counter.get_window_stats(item, "failures", key))
+        for item, successes in zip(self._failures, self._successes, strict=True):
+            stats = self._stats(item, "failures", key)
             if stats.remaining <= 0:
                 raise Refused(_retry_after(stats.reset_time), Refused.FAILURES)
             room.append(stats.remaining + self._earned(successes, key))
@@ -380,8 +380,18 @@ class Limits:
             token = any(entry[1] == "token" for entry in full)
             raise Refused(retry_after, Refused.TOKEN if token else Refused.CEILING)
 
+    # One operation of the strategy that counts the namespace (identifiers[0]), on the storage or its fallback.
+    def _test(self, item: RateLimitItem, *identifiers: str) -> bool:
+        return self._use(lambda c: c.of(identifiers[0]).test(item, *identifiers))
+
+    def _hit(self, item: RateLimitItem, *identifiers: str) -> bool:
+        return self._use(lambda c: c.of(identifiers[0]).hit(item, *identifiers))
+
+    def _stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+        return self._use(lambda c: c.of(identifiers[0]).get_window_stats(item, *identifiers))
+
     def _reset(self, item: RateLimitItem, *identifiers: str) -> int:
-        return _retry_after(self._use(lambda c: c.of(identifiers[0]).get_window_stats(item, *identifiers)).reset_time)
+        return _retry_after(self._stats(item, *identifiers).reset_time)
 
     def _use(self, operation: Callable[[Strategies], T]) -> T:
         """`operation` on the storage's strategies, or on this process's memory while a shared storage

@@ -16,8 +16,8 @@ killed master stop the same way (docs/operations.md, "Stopping").
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import re
 import resource
 import socket

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
@@ -335,7 +335,7 @@ class AccountsClient:
         try:
             with _whole_call(self.timeout):
                 response = self._adapter.send(request, **self._send_options)
-                response.content  # read the body here, where a broken answer is caught
+                response.content  # noqa: B018  # read the body here, where a broken answer is caught
         except requests.Timeout:
             raise TimedOut() from None
         except requests.ConnectionError as err:
@@ -426,7 +426,7 @@ def _retry_after(value: str | None) -> str | None:
             return None
         if when.tzinfo is None:
             return None
-        whole = math.ceil((when - datetime.now(timezone.utc)).total_seconds())
+        whole = math.ceil((when - datetime.now(UTC)).total_seconds())
     elif float(value) > whole:
         whole += 1  # 1.5 means wait at least 1.5 seconds: 2
     return str(max(0, whole))

@@ -132,7 +132,7 @@ class FakeAccounts:
         )
         self.port = server.sockets[0].getsockname()[1]
 
-    def start(self) -> "FakeAccounts":
+    def start(self) -> FakeAccounts:
         ready = threading.Event()
 
         def run() -> None:
@@ -167,7 +167,7 @@ class FakeAccounts:
         if self._thread:
             self._thread.join(5)
 
-    def __enter__(self) -> "FakeAccounts":
+    def __enter__(self) -> FakeAccounts:
         return self.start()
 
     def __exit__(self, *exc) -> None:

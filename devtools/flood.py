@@ -42,17 +42,17 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 import server
-from devtools.soak import rss_kb, server_env, workers_of
 from devtools.fake_accounts import FakeAccounts
 from devtools.nginx import Nginx
 from devtools.process import Server
+from devtools.soak import rss_kb, server_env, workers_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROBE_SOURCE = "127.0.0.2"
 FLOOD_SOURCE = "127.0.0.3"
@@ -121,7 +121,7 @@ class Flood:
     def open_now(self) -> int:
         return len(self._connections)
 
-    def start(self, accepted: Callable[[int], bool] | None = None, batch: int = 1000, timeout: float = 30) -> "Flood":
+    def start(self, accepted: Callable[[int], bool] | None = None, batch: int = 1000, timeout: float = 30) -> Flood:
         """Open every connection, `batch` at a time, and wait until each is established.
 
         A burst larger than the server's accept queue would have some connections wait for the
@@ -292,7 +292,7 @@ class Prober:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
 
-    def start(self) -> "Prober":
+    def start(self) -> Prober:
         self._started = time.monotonic()
         self._thread.start()
         return self

@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-
 from devtools.fake_accounts import make_certificate
 from devtools.process import free_port, wait_until_up, with_children
 
@@ -96,7 +95,7 @@ class Nginx:
             upstream_ports=self.upstream_ports, directory=self.directory, cert=self.cert, key=key,
         ))
 
-    def start(self, timeout: float = 20) -> "Nginx":
+    def start(self, timeout: float = 20) -> Nginx:
         with open(os.path.join(self.directory, "stderr.log"), "ab") as stderr:
             self.process = subprocess.Popen(
                 [nginx_binary(), "-p", self.directory, "-c", self.config,
@@ -133,7 +132,7 @@ class Nginx:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def __enter__(self) -> "Nginx":
+    def __enter__(self) -> Nginx:
         try:
             return self.start()
         except BaseException:

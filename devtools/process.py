@@ -101,7 +101,7 @@ class Server:
         self._log = tempfile.NamedTemporaryFile(prefix="tokenswap-", suffix=".log", delete=False)
         self._log.close()  # only its name is kept: each start appends to it through its own handle
 
-    def start(self, *, wait: bool = True, timeout: float = 20) -> "Server":
+    def start(self, *, wait: bool = True, timeout: float = 20) -> Server:
         self._started_at = len(self.output())
         with open(self._log.name, "ab") as log:
             self.process = subprocess.Popen(
@@ -167,7 +167,7 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         try:
             return self.start()
         except BaseException:

@@ -30,8 +30,8 @@ from dotenv import dotenv_values, set_key
 
 import check
 from config import Config, generate_secret
-from logs import redacted_url
 from devtools.process import wait_until_up, web_command
+from logs import redacted_url
 
 ROOT = Path(__file__).resolve().parent.parent
 # Spotify's Ruby demo listens here, and the iOS SDK's demo projects send their swaps and refreshes here.

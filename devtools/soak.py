@@ -50,11 +50,11 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from crypto import InvalidToken, TokenSealer
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import Server
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SECRET = "soak-secret-0123456789abcdef-not-for-production"
 # Stricter than the graceful_timeout gunicorn.conf.py computes (35 s with the default SPOTIFY_TIMEOUT):

@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from flask import jsonify, request
 
 from api import REFRESH_PATHS, SWAP_PATHS
 from crypto import Opened, TokenSealer
+from devtools.legacy import legacy_token
 from tests.helpers import (
     CALLBACK,
     CODE,
@@ -28,8 +29,8 @@ from tests.helpers import (
     ROTATED,
     SECRET_A,
     SECRET_B,
-    TOKENS,
     TOKEN_URL,
+    TOKENS,
     VERIFIER,
     CheckedClient,
     assert_error,
@@ -42,7 +43,6 @@ from tests.helpers import (
     swap_form,
     unseal,
 )
-from devtools.legacy import legacy_token
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGACY_VECTORS = legacy_vectors()
@@ -125,7 +125,7 @@ def test_expires_in_that_is_no_number_of_seconds_is_502(client, spotify, sent):
 @pytest.mark.parametrize("status", [200, 400])
 def test_spotify_answer_with_non_json_numbers_is_502(client, spotify, constant, status):
     """Python's json reads NaN and Infinity; passed on, they would make our answer invalid JSON."""
-    body = '{"access_token": "BQ-x", "error": "invalid_grant", "x": %s}' % constant
+    body = '{"access_token": "BQ-x", "error": "invalid_grant", "x": ' + constant + "}"
     spotify.post(TOKEN_URL, status=status, body=body, content_type="application/json")
     assert_error(client.post("/swap", data={"code": CODE}), 502, "server_error")
 
@@ -312,7 +312,7 @@ def test_spotify_429_retry_after_is_forwarded_in_whole_seconds(client, spotify, 
 
 
 def test_spotify_429_retry_after_as_a_date_is_forwarded_as_seconds(client, spotify):
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=120), usegmt=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
     expect_call(spotify, "swap", status=429, body="", headers={"Retry-After": when})
     response = call(client, "swap")
     assert 110 <= int(response.headers["Retry-After"]) <= 121

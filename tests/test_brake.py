@@ -199,7 +199,7 @@ def test_the_attackers_three_cases_reach_the_stand_in_a_handful_of_times_each():
         before = {fault: fake.served for fault, fake in fakes.items()}
         until = time.monotonic() + SECONDS
         with ThreadPoolExecutor(len(cases)) as pool:
-            answers = dict(zip(cases, pool.map(lambda f: attack(servers[f], cases[f], until), cases)))
+            answers = dict(zip(cases, pool.map(lambda f: attack(servers[f], cases[f], until), cases), strict=True))
         reached = {fault: fakes[fault].served - before[fault] for fault in cases}
         logs = {fault: server.output() for fault, server in servers.items()}
     finally:

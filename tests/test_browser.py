@@ -16,10 +16,10 @@ import pytest
 import requests
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.helpers import SECRET, server_env
-from tests.tools import require
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, free_port, json_answer
+from tests.helpers import SECRET, server_env
+from tests.tools import require
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 

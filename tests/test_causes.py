@@ -10,9 +10,9 @@ import pytest
 import check
 import logs
 import spotify
-from logs import redacted_url
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import free_port
+from logs import redacted_url
 from tests.helpers import BASE_CONFIG, app_for
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from unittest import mock
-
 import dataclasses
+import os
 from datetime import date
+from unittest import mock
 
 import pytest
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import pytest
 from Crypto.Cipher import AES
@@ -548,7 +548,7 @@ def test_spotifyapiserver_secret_must_not_be_empty():
 
 
 def test_raw_token_opens_through_the_last_day_and_not_after():
-    end_of_day = datetime(2027, 3, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+    end_of_day = datetime(2027, 3, 31, 23, 59, 59, tzinfo=UTC).timestamp()
     now = [end_of_day]
     sealer = TokenSealer([SECRET_A], CLIENT_ID, fallbacks=[UnsealedTokens(date(2027, 3, 31), lambda: now[0])])
     assert sealer.open(REFRESH) == Opened(REFRESH, needs_reseal=True, key="unsealed")

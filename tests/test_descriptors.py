@@ -29,8 +29,8 @@ from Crypto.Protocol.KDF import HKDF
 
 import crypto
 from config import DEV_VARIABLES, PROXY_VARIABLES, SERVER_VARIABLES, VARIABLES, generate_secret, load_config
-from tests.helpers import BASE_CONFIG
 from devtools.process import free_port, wait_until_up, web_command
+from tests.helpers import BASE_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {name for name, text in VARIABLES.items() if text.endswith("(required)")}
@@ -686,7 +686,7 @@ def token_format() -> TokenFormat:
         (offsets,) = [line.split()[len(label.split()):] for line in lines if line.strip().startswith(label + " ")]
         fields, values = row(names), row(cells)
         sizes = {
-            name: int(match.group(1)) for name, value in zip(fields, values)
+            name: int(match.group(1)) for name, value in zip(fields, values, strict=True)
             if (match := re.fullmatch(r"(\d+) bytes(, random|, big-endian)?", value))
         }
         return offsets, fields, values, sizes

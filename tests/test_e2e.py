@@ -19,9 +19,9 @@ import pytest
 import requests
 
 from crypto import InvalidToken, TokenSealer
-from tests.helpers import BASE_CONFIG, SEALER, SECRET, exchange, server_env, split_answer, unique
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
 from devtools.process import CLOSE, Server, json_answer, wait_for
+from tests.helpers import BASE_CONFIG, SEALER, SECRET, exchange, server_env, split_answer, unique
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 

@@ -16,9 +16,9 @@ import pytest
 import responses
 
 import ratelimit
-from tests.helpers import BASE_CONFIG, SEALER, TOKEN_URL, app_for, server_env, unique
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import Server
+from tests.helpers import BASE_CONFIG, SEALER, TOKEN_URL, app_for, server_env, unique
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
 SUCCESS_ROOM = 10
@@ -162,7 +162,7 @@ def test_one_client_hammering_its_own_token_leaves_spotify_to_the_others(fake_ac
             thread.start()
         others = []
         try:
-            for n in range(12):
+            for _ in range(12):
                 started = time.monotonic()
                 others.append(post_from(server, "127.0.0.2", "/swap", {"code": unique("other")})[0])
                 time.sleep(max(0.0, 0.25 - (time.monotonic() - started)))  # pacing the other client

@@ -80,7 +80,7 @@ def _exchange(port: int, head: bytes, then: Callable[[socket.socket], None]) -> 
                 answer += sock.recv(65536)
         except ConnectionResetError:  # closed, and a byte the client sent after that was refused
             closed = True
-        except socket.timeout:
+        except TimeoutError:
             pass
         return seconds, answer, closed
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from api import REFRESH_PATHS, SWAP_PATHS
-from tests.helpers import BASE_CONFIG, SEALER, TOKEN_URL, app_for
 from devtools.fake_accounts import CLIENT_ID
+from tests.helpers import BASE_CONFIG, SEALER, TOKEN_URL, app_for
 
 FUZZ = settings(
     max_examples=250,
@@ -441,7 +441,7 @@ def test_any_mutation_of_a_sealed_token_is_invalid_grant_without_calling_spotify
 def test_the_unmutated_tokens_do_open(client):
     """The mutation test would pass vacuously if the genuine tokens were rejected too."""
     for path in REFRESH_PATHS:
-        for token, raw in zip(GENUINE, RAW_REFRESH):
+        for token, raw in zip(GENUINE, RAW_REFRESH, strict=True):
             with spotify() as mock:
                 assert client.post(path, data={"refresh_token": token}).status_code == 200
                 assert sent_forms(mock) == [{"grant_type": ["refresh_token"], "refresh_token": [raw]}]

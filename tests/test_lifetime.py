@@ -8,7 +8,6 @@ import pytest
 
 import check
 from config import load_config
-
 from tests.helpers import (
     CODE,
     RAW_REFRESH,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import contextlib
 import signal
 import sys
 import threading
@@ -16,14 +15,12 @@ import limits.storage.memory
 import pytest
 import redis
 from limits import parse
-from limits.storage import RedisClusterStorage, RedisSentinelStorage, RedisStorage
-from limits.storage import Storage
+from limits.storage import RedisClusterStorage, RedisSentinelStorage, RedisStorage, Storage
 from limits.storage.base import MovingWindowSupport, SlidingWindowCounterSupport
 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from devtools.process import free_port
 from devtools.redis import RedisServer
-from tests.tools import require
 from limitstore import (
     REDIS_TIMEOUT_SECONDS,
     ProcessMemory,
@@ -33,6 +30,7 @@ from limitstore import (
     storage_options,
 )
 from ratelimit import Limits, Refused
+from tests.tools import require
 
 TIMEOUTS = {"socket_connect_timeout": REDIS_TIMEOUT_SECONDS, "socket_timeout": REDIS_TIMEOUT_SECONDS}
 
@@ -221,7 +219,7 @@ def test_a_storage_that_goes_down_falls_back_to_memory_and_is_asked_back_with_fl
     for _ in range(130):  # a request each second
         now[0] += 1.0
         budgets.check("b")
-    gaps = [round(b - a) for a, b in zip([100.0] + storage.checks, storage.checks)]
+    gaps = [round(b - a) for a, b in zip([100.0] + storage.checks, storage.checks, strict=False)]
     assert gaps[:8] == [2, 3, 5, 9, 17, 33, 2, 3], gaps
     assert storage.checks[0] == 102.0
     storage.down = False

@@ -14,10 +14,10 @@ import requests
 from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
 from requests_oauthlib import OAuth2Session as OAuthlibSession
 
-from tests.tools import needs
-from tests.helpers import BASE_CONFIG, SEALER, server_env, unique
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 from devtools.process import CLOSE, ROOT, Server, json_answer
+from tests.helpers import BASE_CONFIG, SEALER, server_env, unique
+from tests.tools import needs
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 

@@ -10,10 +10,10 @@ import pytest
 import requests
 
 from crypto import InvalidToken, Opened, TokenSealer
-from tests.helpers import legacy_vectors, server_env, unique
-from devtools.legacy import legacy_token
 from devtools.fake_accounts import CLIENT_ID
+from devtools.legacy import legacy_token
 from devtools.process import CLOSE, Server, json_answer
+from tests.helpers import legacy_vectors, server_env, unique
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
@@ -238,7 +238,7 @@ def actual_post(server: Server, path: str, origin: str) -> requests.Response:
 
 # Which paths the API has: test_app.py, once per path; CORS is one mechanism over all of them: a swap path and a
 # refresh path here, each with one of the two listed origins.
-ORIGIN_AND_PATH = list(zip(ALLOWED_ORIGINS, ("/api/token", "/refresh")))
+ORIGIN_AND_PATH = list(zip(ALLOWED_ORIGINS, ("/api/token", "/refresh"), strict=True))
 
 
 @pytest.mark.parametrize("origin, path", ORIGIN_AND_PATH)

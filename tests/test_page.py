@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 
 import page
 from crypto import key_id
-from tests.helpers import BASE_CONFIG, SECRET, app_for
 from devtools.fake_accounts import CLIENT_SECRET
-from dotenv import dotenv_values
+from tests.helpers import BASE_CONFIG, SECRET, app_for
 
 PAGE_CALLBACK = "http://localhost/callback"  # the test client's origin
 HEADERS = {

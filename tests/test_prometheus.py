@@ -19,8 +19,8 @@ from crypto import TokenSealer, key_id
 from devtools.fake_accounts import CLIENT_ID
 from devtools.legacy import legacy_token
 from devtools.process import CLOSE, Server, free_port, json_answer, with_children
-from tests.tools import require
 from tests.helpers import server_env
+from tests.tools import require
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 

@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from devtools.flood import SLOW_BODY, raise_open_file_limit, run_flood
-from tests.helpers import server_env
 from devtools.nginx import Nginx
 from devtools.process import Server
+from tests.helpers import server_env
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 

@@ -21,10 +21,10 @@ import responses
 from flask.testing import FlaskClient
 
 from crypto import TokenSealer
-from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import Server, free_port
 from devtools.redis import RedisServer
+from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
 from tests.tools import require
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.

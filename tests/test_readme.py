@@ -7,7 +7,6 @@ import re
 import subprocess
 
 import pytest
-
 from dotenv import dotenv_values
 
 from config import generate_secret

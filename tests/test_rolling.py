@@ -74,7 +74,7 @@ class Clients:
         with self.lock:
             return sum(self.results.values())
 
-    def __enter__(self) -> "Clients":
+    def __enter__(self) -> Clients:
         for thread in self.threads:
             thread.start()
         return self

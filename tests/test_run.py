@@ -19,8 +19,8 @@ import pytest
 import requests
 from dotenv import dotenv_values
 
-from devtools import run
 from config import MIN_SECRET_LENGTH, load_config
+from devtools import run
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import CLOSE, free_port, json_answer
 from server import DRAIN_SECONDS

@@ -8,8 +8,8 @@ import inspect
 import json
 import socket
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gunicorn
 import pytest

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.process import Server, free_port
 from server import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES, connections_per_worker
 from tests.helpers import BASE_CONFIG, app_for, server_env
-from devtools.process import Server, free_port
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 

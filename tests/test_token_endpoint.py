@@ -11,6 +11,8 @@ import responses
 
 from api import REFRESH_PATHS, SWAP_PATHS
 from app import create_app
+from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
+from devtools.legacy import legacy_token
 from tests.helpers import (
     BASE_CONFIG,
     CALLBACK,
@@ -21,8 +23,8 @@ from tests.helpers import (
     ROTATED,
     SECRET_A,
     SECRET_B,
-    TOKENS,
     TOKEN_URL,
+    TOKENS,
     assert_error,
     assert_token_answer,
     expect,
@@ -33,8 +35,6 @@ from tests.helpers import (
     swap_form,
     unseal,
 )
-from devtools.legacy import legacy_token
-from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
 
 ALL_PATHS = SWAP_PATHS + REFRESH_PATHS
 LIBRARY_EXTRAS = {"client_id": CLIENT_ID, "client_secret": "", "scope": "user-read-private", "state": "xyz"}

@@ -8,8 +8,8 @@ import responses
 
 import check
 from config import ConfigError, load_config
-from logs import redacted_url
 from devtools.process import run_until_exit
+from logs import redacted_url
 from tests.helpers import BASE_CONFIG, server_env
 
 PASSWORD = "pa55#w0rd"
