@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlencode
 
