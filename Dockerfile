@@ -15,7 +15,7 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
 # The service and nothing else (no tests, no .env): see .dockerignore too.
-COPY app.py admission.py api.py brake.py check.py commands.py config.py cors.py crypto.py errors.py limitstore.py logs.py metrics.py page.py ratelimit.py resources.py server.py spotify.py gunicorn.conf.py openapi.json ./
+COPY app.py admission.py api.py brake.py check.py commands.py config.py cors.py crypto.py errors.py limitstore.py logs.py metrics.py page.py ratelimit.py resources.py revocations.py server.py spotify.py gunicorn.conf.py openapi.json ./
 # The landing page's template, script and style.
 COPY templates ./templates
 COPY static ./static

@@ -1,5 +1,5 @@
-"""The token endpoint (swap and refresh, RFC 6749 sections 4.1.3 and 6) and the health checks (GET /health, /livez,
-/readyz), as the `api` blueprint."""
+"""The token endpoint (swap and refresh, RFC 6749 sections 4.1.3 and 6), sign-out (POST /revoke, RFC 7009) and
+the health checks (GET /health, /livez, /readyz), as the `api` blueprint."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import metrics
 import ratelimit
+import revocations
 import spotify
 from config import BODY_TIMEOUT, MAX_BODY_BYTES, SPOTIFY_SHORTEST_LIFETIME
 from crypto import InvalidToken, Opened
@@ -113,6 +114,28 @@ for _view, _paths, _ in _TOKEN_VIEWS:
         bp.add_url_rule(_path, view_func=_view, methods=["POST"])  # the endpoint is the view's name
 # The token endpoints as request.endpoint names them, and the grant each serves when a request names none.
 ENDPOINT_GRANTS = {f"{bp.name}.{view.__name__}": grant for view, _, grant in _TOKEN_VIEWS}
+
+
+# What a refresh of a signed-out grant is told: the app must discard the token and log the user in again.
+SIGNED_OUT = ("The user signed out: this refresh token was revoked (POST /revoke). "
+              "Discard it and log the user in again; do not retry")
+
+
+@bp.post("/revoke")
+def revoke() -> Response:
+    """Sign out (RFC 7009): the grant of the refresh token sent ends, on every worker. 200 for any token, one
+    that does not open included (section 2.2); `token_type_hint` may name anything (only refresh tokens are
+    this service's to revoke)."""
+    svc = resources()
+    data = _body()
+    _check_client_id(svc, data)
+    token = _opaque(data, "token")
+    _field(data, "token_type_hint", required=False)  # read, so that it is checked to be one string
+    opened = _open(svc, token)
+    if opened is not None:
+        revocations.revocations().revoke(opened, revocations.multiprocess())
+        metrics.count_revocation()
+    return json_response({})
 
 
 def _token_endpoint(path_grant: str) -> Response:
@@ -289,6 +312,9 @@ def _refresh(svc: Resources, data: Mapping[str, Any], *, code_is_token: bool) ->
         raise OAuthError(400, "invalid_grant", "Invalid refresh token")
     metrics.count_opened(opened.key)  # key usage, for key rotation
     _refuse_ended(svc, opened)
+    if revocations.revocations().revoked(opened, revocations.multiprocess()):
+        metrics.count_grant_refused("signed_out")
+        raise OAuthError(400, "invalid_grant", SIGNED_OUT)
     try:
         tokens = svc.spotify.refresh(opened.refresh_token, admit=lambda: ratelimit.admit(opened.refresh_token))
     except spotify.Denied as err:

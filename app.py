@@ -19,6 +19,7 @@ import metrics
 import page
 import ratelimit
 import resources
+import revocations
 from config import MAX_BODY_BYTES, Config, ConfigError, load_config
 
 
@@ -51,6 +52,7 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
         )
     cors.init_app(app, config)
     ratelimit.init_app(app, config)
+    revocations.init_app(app, config)
     return app
 
 

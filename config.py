@@ -49,11 +49,13 @@ SERVER_VARIABLES: dict[str, str] = {
     "WEB_CONCURRENCY": "Number of gunicorn worker processes (default 2)",
 }
 
-# Set by `make run` (devtools/run.py) for the server it starts, never by an operator: not in the deploy descriptors.
+# Set by the service's own tooling (`make run`, devtools/run.py; the gunicorn master), never by an operator: not in
+# the deploy descriptors.
 DEV_VARIABLES: dict[str, str] = {
     "TOKENSWAP_CREDENTIALS_CHECKED": "What make run found: accepted or failed (its check of the Spotify credentials), "
                                      "or stand-in (none in .env: it started the stand-in for Spotify)",
     "TOKENSWAP_CHECK_FAILED": "The lines of make run's check that failed, one per line, each naming what to change",
+    "TOKENSWAP_REVOCATIONS_DIR": "Set by the gunicorn master for its workers: the directory of the sign-out file they share",
 }
 
 MIN_SECRET_LENGTH = 16
@@ -117,6 +119,7 @@ class Config:
     # What make run found: "accepted", "failed", "stand-in", or None (not started by make run).
     credentials_checked: str | None = None
     check_failures: tuple[str, ...] = ()  # make run's check's failed lines, each naming what to change
+    revocations_dir: str | None = None  # where this instance's workers share sign-outs (revocations.py), set by its master
 
 
 def generate_secret() -> str:
@@ -486,6 +489,7 @@ def _load(env: Mapping[str, str], parse: bool) -> Config:
         stop_delay=stop_delay,
         credentials_checked=get("TOKENSWAP_CREDENTIALS_CHECKED") or None,
         check_failures=tuple(line.strip() for line in get("TOKENSWAP_CHECK_FAILED").splitlines() if line.strip()),
+        revocations_dir=get("TOKENSWAP_REVOCATIONS_DIR") or None,
     )
 
 

@@ -155,7 +155,7 @@ def from_limits(err: Refused) -> OAuthError:
 
 
 _DESCRIPTIONS = {
-    404: "No such endpoint: use POST /swap, POST /refresh or GET /health",
+    404: "No such endpoint: use POST /swap, POST /refresh, POST /revoke or GET /health",
     405: "Method not allowed here",
     413: f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB",
 }

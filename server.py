@@ -38,6 +38,7 @@ from gunicorn.workers.ggevent import GeventWorker
 import logs
 import metrics
 import ratelimit
+import revocations
 from config import STOP_MARGIN, Config, ConfigError, load_config, longest_request_seconds, token_settings
 
 if TYPE_CHECKING:
@@ -424,11 +425,18 @@ def when_ready(arbiter: Arbiter) -> None:
         # Said at every start while it lasts: raw tokens in transit are Spotify's own (docs/security.md).
         [unsealed] = [line for line in token_settings(config, time.time()) if "UNSEALED_TOKENS_UNTIL" in line]
         log.warning("%s", unsealed[0].upper() + unsealed[1:])
+    level, message = revocations.start_message(
+        config, getattr(arbiter, "tokenswap_revocations_dir", None), cfg.workers
+    )
+    log.log(level, "%s", message)
 
 
 def on_starting(arbiter: Arbiter) -> None:
-    """gunicorn's on_starting hook, in the master before any worker: the metrics' shared directory."""
-    if load_config().metrics_token:
+    """gunicorn's on_starting hook, in the master before any worker: the directories the workers share, for
+    sign-outs (with memory:// storage) and for the metrics."""
+    config = load_config()
+    arbiter.tokenswap_revocations_dir = revocations.prepare_directory(config)  # type: ignore[attr-defined]  # our own attribute on gunicorn's Arbiter
+    if config.metrics_token:
         arbiter.tokenswap_metrics_dir = metrics.prepare_directory()  # type: ignore[attr-defined]  # our own attribute on gunicorn's Arbiter
 
 
@@ -445,5 +453,6 @@ def post_worker_init(worker: BaseWorker) -> None:
 
 
 def on_exit(arbiter: Arbiter) -> None:
-    """gunicorn's on_exit hook: the metrics' directory removed if the server made it."""
+    """gunicorn's on_exit hook: the directories the server made removed."""
     metrics.remove_directory(getattr(arbiter, "tokenswap_metrics_dir", None))
+    revocations.remove_directory(getattr(arbiter, "tokenswap_revocations_dir", None))

@@ -1,5 +1,6 @@
 """End-to-end: real, unmodified OAuth 2.0 client libraries use the Procfile's server as their token
-endpoint; a wrong client secret is the server's problem; `flask --app app check` checks for real."""
+endpoint, and those with a revocation call sign out at /revoke; a wrong client secret is the server's problem;
+`flask --app app check` checks for real."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from authlib.integrations.base_client import OAuthError as AuthlibError
 from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
+from oauthlib.oauth2 import InvalidGrantError, WebApplicationClient
 from requests_oauthlib import OAuth2Session as OAuthlibSession
 
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET
@@ -116,6 +119,59 @@ def test_node_simple_oauth2_swaps_then_refreshes_and_never_loses_its_refresh_tok
         assert_holds(token, code)
     assert len({token["access_token"] for token in held}) == 4
     assert_spotify_got_only_the_grants(fake, code)
+
+
+# -- signing out: the libraries' revocation calls (RFC 7009) at /revoke --------------------------------
+
+SIGNED_OUT = "The user signed out"
+
+
+def test_authlib_signs_out_with_revoke_token(server, fake):
+    code = f"authlib-revoke-{uuid.uuid4().hex}"
+    token_url = server.url + "/api/token"
+    with AuthlibSession(CLIENT_ID, redirect_uri=CALLBACK, token_endpoint=token_url, headers=CLOSE) as client:
+        token = client.fetch_token(token_url, code=code)
+        answer = client.revoke_token(server.url + "/revoke", token=token["refresh_token"],
+                                     token_type_hint="refresh_token")
+        assert answer.status_code == 200
+        with pytest.raises(AuthlibError) as refused:
+            client.refresh_token(token_url)
+    assert refused.value.error == "invalid_grant" and refused.value.description.startswith(SIGNED_OUT)
+    assert len(fake.requests) == 1  # the swap: the refused refresh never reached Spotify
+
+
+def test_requests_oauthlib_signs_out_with_oauthlibs_revocation_request(server, fake, monkeypatch):
+    """requests-oauthlib has no revocation call; oauthlib, which it is built on, prepares the request."""
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+    code = f"oauthlib-revoke-{uuid.uuid4().hex}"
+    token_url = server.url + "/api/token"
+    oauth = WebApplicationClient(CLIENT_ID)
+    client = OAuthlibSession(client=oauth, redirect_uri=CALLBACK)
+    client.headers.update(CLOSE)
+    token = client.fetch_token(token_url, code=code, include_client_id=True)
+    url, headers, body = oauth.prepare_token_revocation_request(
+        server.url + "/revoke", token["refresh_token"], token_type_hint="refresh_token"
+    )
+    assert client.post(url, data=body, headers=headers).status_code == 200
+    with pytest.raises(InvalidGrantError, match=SIGNED_OUT):
+        client.refresh_token(token_url)
+    client.close()
+
+
+@needs("node", "npm")
+def test_node_simple_oauth2_signs_out_with_revoke_all(server, fake):
+    code = f"simple-oauth2-revoke-{uuid.uuid4().hex}"
+    node = ROOT / "tests" / "node"
+    result = subprocess.run(
+        ["node", str(node / "simple_oauth2_revoke.js"), server.url, CLIENT_ID, code, CALLBACK],
+        cwd=node, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    held = json.loads(result.stdout)
+    assert_holds(held["token"], code)
+    assert held["refused"]["status"] == 400
+    assert held["refused"]["body"]["error"] == "invalid_grant"
+    assert held["refused"]["body"]["error_description"].startswith(SIGNED_OUT)
 
 
 def test_a_wrong_client_secret_is_the_servers_problem(fake_accounts):
