@@ -19,6 +19,7 @@ import metrics
 import spotify
 from config import MAX_BODY_BYTES
 from ratelimit import Refused
+from revocations import Unavailable
 
 # RFC 6749 section 5.1: token answers must not be cached.
 _NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
@@ -64,6 +65,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(OAuthError, render)
     app.register_error_handler(spotify.SpotifyError, lambda err: render(from_spotify(err)))
     app.register_error_handler(Refused, _refused)
+    app.register_error_handler(Unavailable, _no_sign_outs)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
 
@@ -71,6 +73,12 @@ def init_app(app: Flask) -> None:
 def _refused(err: Refused) -> Response:
     metrics.count_refused(err.reason)
     return render(from_limits(err))
+
+
+def _no_sign_outs(err: Unavailable) -> Response:
+    # A store that does not answer is passing (retry); a server that cannot keep sign-outs is not.
+    headers = {"Retry-After": "5"} if err.status == 503 else None
+    return render(OAuthError(err.status, err.error, err.description, headers=headers))
 
 
 def render(err: OAuthError) -> Response:

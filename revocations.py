@@ -21,11 +21,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, current_app, request
 
 from config import Config
 from crypto import Opened
-from errors import OAuthError, render
 from limitstore import storage_for
 from logs import Throttle
 
@@ -44,7 +43,8 @@ log = logging.getLogger(__name__)
 
 
 class Unavailable(Exception):
-    """Sign-outs cannot be kept here: a configuration that would keep them on one worker only, or a store that fails."""
+    """Sign-outs cannot be kept here: a configuration that would keep them on one worker only (status 500), or a
+    store that does not answer (503). errors.py renders it."""
 
     def __init__(self, status: int, error: str, description: str):
         self.status, self.error, self.description = status, error, description
@@ -215,17 +215,11 @@ def store_for(config: Config) -> tuple[Store, bool]:
 
 
 def init_app(app: Flask, config: Config) -> None:
-    """Keep this app's sign-outs where the configuration says, and render the errors of keeping them."""
+    """Keep this app's sign-outs where the configuration says."""
     store, single_process = store_for(config)
     app.extensions["revocations"] = Revocations(
         store, config.refresh_token_lifetime, single_process=single_process, logger=app.logger
     )
-    app.register_error_handler(Unavailable, _unavailable)
-
-
-def _unavailable(err: Unavailable) -> Response:
-    headers = {"Retry-After": "5"} if err.status == 503 else None
-    return render(OAuthError(err.status, err.error, err.description, headers=headers))
 
 
 def revocations() -> Revocations:
