@@ -250,3 +250,14 @@ def test_sign_outs_and_their_refusals_are_counted(make_client, spotify):
     assert value(found, "tokenswap_revocations_total", kind="invalid") == 1
     assert value(found, "tokenswap_refresh_refused_total", reason="signed_out") == 1
     assert ("tokenswap_refresh_refused_total", (("reason", "expired"),)) in found  # there from the start
+
+
+def test_a_store_that_does_not_answer_is_a_503_at_sign_out_and_at_refresh_not_at_swap(make_client, spotify):
+    from devtools.process import free_port
+
+    client = make_client(RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}")
+    sealed = swap(client, spotify)  # a swap does not ask the store
+    revoke = client.post("/revoke", data={"token": sealed})
+    for answer in (revoke, client.post("/refresh", data={"refresh_token": sealed})):
+        assert_error(answer, 503, "temporarily_unavailable")
+        assert answer.headers["Retry-After"] == "5"
