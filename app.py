@@ -52,7 +52,7 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
         )
     cors.init_app(app, config)
     ratelimit.init_app(app, config)
-    revocations.init_app(app, config)
+    revocations.init_app(app, config, clock=clock)
     return app
 
 

@@ -205,20 +205,20 @@ class Revocations:
                         "answers (logged at most once a minute per worker)", type(err).__name__, err)
 
 
-def store_for(config: Config) -> tuple[Store, bool]:
+def store_for(config: Config, clock: Callable[[], float] = time.time) -> tuple[Store, bool]:
     """The store for this configuration, and whether it serves a server of one process only."""
     if not config.rate_limit_storage_uri.startswith("memory://"):
-        return SharedStorage(config.rate_limit_storage_uri), False
+        return SharedStorage(config.rate_limit_storage_uri), False  # Redis keeps the time itself
     if config.revocations_dir:
-        return SharedFile(os.path.join(config.revocations_dir, FILE_NAME)), False
-    return ProcessMemory(), True
+        return SharedFile(os.path.join(config.revocations_dir, FILE_NAME), clock), False
+    return ProcessMemory(clock), True
 
 
-def init_app(app: Flask, config: Config) -> None:
-    """Keep this app's sign-outs where the configuration says."""
-    store, single_process = store_for(config)
+def init_app(app: Flask, config: Config, clock: Callable[[], float] = time.time) -> None:
+    """Keep this app's sign-outs where the configuration says; `clock` tells the time of day (tests move it)."""
+    store, single_process = store_for(config, clock)
     app.extensions["revocations"] = Revocations(
-        store, config.refresh_token_lifetime, single_process=single_process, logger=app.logger
+        store, config.refresh_token_lifetime, single_process=single_process, clock=clock, logger=app.logger
     )
 
 
