@@ -27,7 +27,7 @@ SEED = 20261206
 MAX_EXAMPLES = 8
 # One path of each path item: the aliases (/api/token, /v1/swap, ...) are the same item by $ref, and the app
 # routes each to the same view (tests/test_app.py runs every behaviour at every path).
-TESTED_PATHS = r"^/(swap|refresh|client-credentials-tokens|health|livez|readyz|openapi\.json|metrics|callback)?$"
+TESTED_PATHS = r"^/(swap|refresh|revoke|client-credentials-tokens|health|livez|readyz|openapi\.json|metrics|callback)?$"
 
 
 def test_the_document_is_valid_openapi_3_1():
