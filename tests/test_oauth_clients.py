@@ -127,7 +127,7 @@ SIGNED_OUT = "The user signed out"
 
 
 def test_authlib_signs_out_with_revoke_token(server, fake):
-    code = f"authlib-revoke-{uuid.uuid4().hex}"
+    code = unique("authlib-revoke")
     token_url = server.url + "/api/token"
     with AuthlibSession(CLIENT_ID, redirect_uri=CALLBACK, token_endpoint=token_url, headers=CLOSE) as client:
         token = client.fetch_token(token_url, code=code)
@@ -143,7 +143,7 @@ def test_authlib_signs_out_with_revoke_token(server, fake):
 def test_requests_oauthlib_signs_out_with_oauthlibs_revocation_request(server, fake, monkeypatch):
     """requests-oauthlib has no revocation call; oauthlib, which it is built on, prepares the request."""
     monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
-    code = f"oauthlib-revoke-{uuid.uuid4().hex}"
+    code = unique("oauthlib-revoke")
     token_url = server.url + "/api/token"
     oauth = WebApplicationClient(CLIENT_ID)
     client = OAuthlibSession(client=oauth, redirect_uri=CALLBACK)
@@ -160,7 +160,7 @@ def test_requests_oauthlib_signs_out_with_oauthlibs_revocation_request(server, f
 
 @needs("node", "npm")
 def test_node_simple_oauth2_signs_out_with_revoke_all(server, fake):
-    code = f"simple-oauth2-revoke-{uuid.uuid4().hex}"
+    code = unique("simple-oauth2-revoke")
     node = ROOT / "tests" / "node"
     result = subprocess.run(
         ["node", str(node / "simple_oauth2_revoke.js"), server.url, CLIENT_ID, code, CALLBACK],

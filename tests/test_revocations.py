@@ -11,7 +11,15 @@ import revocations
 from crypto import Opened
 from revocations import ProcessMemory, Revocations, SharedFile, Unavailable
 from tests.helpers import (
-    CODE, RAW_REFRESH, ROTATED, TOKENS, assert_error, assert_token_answer, expect, refresh_form, swap_form,
+    CODE,
+    RAW_REFRESH,
+    ROTATED,
+    TOKENS,
+    assert_error,
+    assert_token_answer,
+    expect,
+    refresh_form,
+    swap_form,
     unseal,
 )
 
