@@ -51,8 +51,13 @@ GRANT_ID = "0123456789abcdef0123456789abcdef"
 # Swap
 
 
-@pytest.mark.parametrize("style", ["form", "json"])
-@pytest.mark.parametrize("path", SWAP_PATHS)
+# Routing once per path (a swap at each swap path, a refresh at each refresh path), each body style once: the
+# paths meet in one view, and what is checked of a request (the fields, their shapes) is checked on one path.
+PATH_STYLES = [(path, "json" if path == "/swap" else "form") for path in SWAP_PATHS]
+REFRESH_PATH_STYLES = [(path, "json" if path == "/refresh" else "form") for path in REFRESH_PATHS]
+
+
+@pytest.mark.parametrize("path, style", PATH_STYLES + [("/swap", "form")])
 def test_swap_sends_code_and_seals_refresh_token(client, spotify, clock, path, style):
     expect(spotify, swap_form(), json={**TOKENS, "refresh_token": RAW_REFRESH, "extra": [1]})
     body = assert_token_answer(post(client, path, {"code": CODE}, style))
@@ -77,15 +82,13 @@ def test_swap_with_allowed_non_default_redirect_uri(client, spotify, style):
     "redirect_uri",
     ["https://evil.example/callback", CALLBACK + "/", "MYAPP://callback", OTHER_CALLBACK + "?x=1"],
 )
-@pytest.mark.parametrize("style", ["form", "json"])
-def test_swap_with_redirect_uri_not_allowed(client, spotify, redirect_uri, style):
-    response = post(client, "/swap", {"code": CODE, "redirect_uri": redirect_uri}, style)
+def test_swap_with_redirect_uri_not_allowed(client, spotify, redirect_uri):
+    response = client.post("/swap", data={"code": CODE, "redirect_uri": redirect_uri})
     assert "SPOTIFY_CLIENT_CALLBACK_URL" in assert_error(response, 400, "invalid_request")["error_description"]
     assert len(spotify.calls) == 0
 
 
-@pytest.mark.parametrize("style", ["form", "json"])
-@pytest.mark.parametrize("path", SWAP_PATHS)
+@pytest.mark.parametrize("path, style", [("/api/token", "form"), ("/swap", "json")])
 def test_swap_forwards_code_verifier(client, spotify, path, style):
     expect(spotify, swap_form(code_verifier=VERIFIER), json=TOKENS)
     fields = {"code": CODE, "code_verifier": VERIFIER}
@@ -149,8 +152,7 @@ def test_charset_in_json_content_type(client, spotify):
 # Refresh
 
 
-@pytest.mark.parametrize("style", ["form", "json"])
-@pytest.mark.parametrize("path", REFRESH_PATHS)
+@pytest.mark.parametrize("path, style", REFRESH_PATH_STYLES + [("/refresh", "form")])
 def test_refresh_sends_opened_token(client, spotify, path, style):
     expect(spotify, refresh_form(), json=TOKENS)
     sent = seal(RAW_REFRESH)
@@ -160,48 +162,37 @@ def test_refresh_sends_opened_token(client, spotify, path, style):
     assert body == {**TOKENS, "refresh_token": sent}
 
 
-@pytest.mark.parametrize("path", REFRESH_PATHS)
-def test_refresh_rotation_comes_back_sealed_with_the_same_sign_in(client, spotify, clock, path):
+def test_refresh_rotation_comes_back_sealed_with_the_same_sign_in(client, spotify, clock):
     """The lifetime is the sign-in's: a rotated token keeps its time and grant id."""
     expect(spotify, refresh_form(), json={**TOKENS, "refresh_token": ROTATED})
     sent = seal(RAW_REFRESH, signed_in_at=int(clock.now) - 86400, grant_id=GRANT_ID)
-    body = assert_token_answer(client.post(path, data={"refresh_token": sent}))
+    body = assert_token_answer(client.post("/api/refresh_token", data={"refresh_token": sent}))
     assert unseal(body["refresh_token"]) == Opened(ROTATED, signed_in_at=int(clock.now) - 86400, grant_id=GRANT_ID)
 
 
-def _tampered(token: str) -> str:
-    middle = len(token) // 2
-    return token[:middle] + ("A" if token[middle] != "A" else "B") + token[middle + 1 :]
-
-
+# Every way to break a token is test_crypto.py's (the crypto layer owns them); here, one token that does not open,
+# in each body style, and tokens that reach the opener by other routes: a raw Spotify token (the raw-token
+# fallback is off), text that is no token, and one that is not ASCII.
 INVALID_REFRESH_TOKENS = {
-    "tampered": _tampered(seal(RAW_REFRESH)),
-    "truncated": seal(RAW_REFRESH)[:-1],
-    "truncated to header": seal(RAW_REFRESH)[:8],
-    "extended": seal(RAW_REFRESH) + "AA",
     "another key": seal(RAW_REFRESH, "another-secret-0123456789abcdef"),
-    "another client id": seal(RAW_REFRESH, client_id="another-client-id"),
-    "raw spotify token": "AQDxyzRawSpotifyRefreshToken_abc-123",
-    "raw spotify token, ours": RAW_REFRESH,
+    "raw spotify token": RAW_REFRESH,
     "(null)": "(null)",
-    "padded": seal(RAW_REFRESH) + "=",
-    "spaces": "not a token",
     "non-ascii": "tökén",
 }
 
 
 @pytest.mark.parametrize("token", INVALID_REFRESH_TOKENS.values(), ids=INVALID_REFRESH_TOKENS)
-@pytest.mark.parametrize("style", ["form", "json"])
-@pytest.mark.parametrize("path", REFRESH_PATHS)
-def test_invalid_refresh_token(client, spotify, path, style, token):
-    response = post(client, path, {"refresh_token": token}, style)
-    assert_error(response, 400, "invalid_grant", "Invalid refresh token")
+def test_invalid_refresh_token(client, spotify, token):
+    for style in ("form", "json"):
+        response = post(client, "/refresh", {"refresh_token": token}, style)
+        assert_error(response, 400, "invalid_grant", "Invalid refresh token")
     assert len(spotify.calls) == 0
 
 
 # Malformed requests: 400 invalid_request, Spotify not called
 
-ALL_PATHS = [(p, "code") for p in SWAP_PATHS] + [(p, "refresh_token") for p in REFRESH_PATHS]
+# A request's fields are read by one function for every path: one swap path and one refresh path.
+ALL_PATHS = [("/swap", "code"), ("/refresh", "refresh_token")]
 
 
 @pytest.mark.parametrize("path, field", ALL_PATHS)
@@ -213,19 +204,18 @@ def test_missing_or_empty_field_in_form(client, spotify, path, field, case):
 
 
 @pytest.mark.parametrize("path, field", ALL_PATHS)
-@pytest.mark.parametrize("value", [None, "", 123, 0, 1.5, True, False, [], ["x"], {"a": "b"}])
+@pytest.mark.parametrize("value", [None, "", 0, 1.5, True, [], ["x"], {"a": "b"}])
 def test_missing_empty_or_non_string_field_in_json(client, spotify, path, field, value):
     assert_error(client.post(path, json={field: value}), 400, "invalid_request")
     assert len(spotify.calls) == 0
 
 
-@pytest.mark.parametrize("path, field", ALL_PATHS)
 @pytest.mark.parametrize(
     "body",
     [b"{not json", b'{"code": "x"', b"[]", b'["code"]', b'"code"', b"42", b"null", b"\xff\xfe{}"],
 )
-def test_unparseable_or_non_object_json(client, spotify, path, field, body):
-    response = client.post(path, data=body, content_type=JSON_CT)
+def test_unparseable_or_non_object_json(client, spotify, body):
+    response = client.post("/api/token", data=body, content_type=JSON_CT)
     assert_error(response, 400, "invalid_request")
     assert len(spotify.calls) == 0
 
@@ -328,23 +318,25 @@ def test_spotify_429_with_json_body(client, spotify, endpoint):
     assert response.headers["Retry-After"] == "30"
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+# Each bad answer once, on a swap or a refresh in turn: both endpoints read Spotify's answer with one function.
+BAD_ANSWERS = [
+    {"status": 500, "body": "<html><body>Internal Server Error</body></html>"},
+    {"status": 502, "body": "<html>Bad Gateway</html>", "content_type": "text/html"},
+    {"status": 503, "json": {"error": "server_error"}},
+    {"status": 200, "body": "<html>maintenance</html>", "content_type": "text/html"},
+    {"status": 200, "json": {"token_type": "Bearer", "expires_in": 3600}},
+    {"status": 200, "json": {**TOKENS, "access_token": ""}},
+    {"status": 200, "json": {**TOKENS, "access_token": 42}},
+    {"status": 200, "json": [TOKENS]},
+    {"status": 400, "body": "<html>Bad Request</html>", "content_type": "text/html"},
+    {"status": 404, "json": {"message": "no error field"}},
+    {"status": 302, "body": "", "headers": {"Location": "https://example.com/"}},
+]
+
+
 @pytest.mark.parametrize(
-    "answer",
-    [
-        {"status": 500, "body": "<html><body>Internal Server Error</body></html>"},
-        {"status": 502, "body": "<html>Bad Gateway</html>", "content_type": "text/html"},
-        {"status": 503, "json": {"error": "server_error"}},
-        {"status": 200, "body": "<html>maintenance</html>", "content_type": "text/html"},
-        {"status": 200, "json": {"token_type": "Bearer", "expires_in": 3600}},
-        {"status": 200, "json": {**TOKENS, "access_token": ""}},
-        {"status": 200, "json": {**TOKENS, "access_token": 42}},
-        {"status": 200, "json": [TOKENS]},
-        {"status": 400, "body": "<html>Bad Request</html>", "content_type": "text/html"},
-        {"status": 404, "json": {"message": "no error field"}},
-        {"status": 302, "body": "", "headers": {"Location": "https://example.com/"}},
-    ],
-    ids=lambda a: f"{a['status']}-{'json' if 'json' in a else 'text'}",
+    "endpoint, answer", [(ENDPOINTS[n % 2], answer) for n, answer in enumerate(BAD_ANSWERS)],
+    ids=[f"{a['status']}-{'json' if 'json' in a else 'text'}" for a in BAD_ANSWERS],
 )
 def test_spotify_bad_answer_is_502(client, spotify, endpoint, answer):
     expect_call(spotify, endpoint, **answer)
@@ -358,9 +350,8 @@ def test_spotify_unreachable_is_503_and_not_retried(client, spotify, endpoint):
     assert len(spotify.calls) == 1
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize(
-    "timeout", [requests.exceptions.ConnectTimeout, requests.exceptions.ReadTimeout]
+    "endpoint, timeout", [("swap", requests.exceptions.ConnectTimeout), ("refresh", requests.exceptions.ReadTimeout)]
 )
 def test_spotify_timeout_is_504(client, spotify, endpoint, timeout):
     expect_call(spotify, endpoint, body=timeout("too slow"))
@@ -377,14 +368,18 @@ def test_spotify_answer_cut_off_is_502(client, spotify, endpoint):
 # HTTP-level errors are JSON too
 
 
-@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE"])
-@pytest.mark.parametrize("path", ["/nope", "/swap/", "/api/tokens", "/health/x", "/callback/x"])
+@pytest.mark.parametrize(
+    "method, path",
+    [("GET", "/nope"), ("POST", "/swap/"), ("PUT", "/api/tokens"), ("DELETE", "/health/x"), ("POST", "/callback/x")],
+)
 def test_unknown_path_is_404_json(client, spotify, method, path):
     assert_error(client.open(path, method=method), 404, "not_found")
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
-@pytest.mark.parametrize("path", SWAP_PATHS + REFRESH_PATHS)
+# Each token path once, with one of the methods it does not take.
+@pytest.mark.parametrize(
+    "method, path", [(("GET", "PUT", "DELETE", "PATCH")[n % 4], path) for n, path in enumerate(SWAP_PATHS + REFRESH_PATHS)]
+)
 def test_wrong_method_is_405_json_with_allow(client, spotify, method, path):
     response = client.open(path, method=method)
     assert_error(response, 405, "method_not_allowed")
@@ -397,8 +392,7 @@ def test_post_to_health_is_405_json_with_allow(client, spotify):
     assert "GET" in response.headers["Allow"]
 
 
-@pytest.mark.parametrize("path, field", ALL_PATHS)
-@pytest.mark.parametrize("style", ["form", "json"])
+@pytest.mark.parametrize("path, field, style", [("/swap", "code", "form"), ("/refresh", "refresh_token", "json")])
 def test_body_over_64_kib_is_413_json(client, spotify, path, field, style):
     response = post(client, path, {field: "a" * (64 * 1024)}, style)
     assert_error(response, 413, "invalid_request")
@@ -557,8 +551,11 @@ def _legacy_client(make_client, secret: str, plaintext: str) -> CheckedClient:
     return client
 
 
-@pytest.mark.parametrize("style", ["form", "json"])
-@pytest.mark.parametrize("vector", LEGACY_VECTORS, ids=lambda v: v["plaintext"][:12])
+# Every vector opens in test_crypto.py; here each refreshes and migrates (its own secret each), the last in JSON.
+@pytest.mark.parametrize(
+    "vector, style", [(v, "json" if v is LEGACY_VECTORS[-1] else "form") for v in LEGACY_VECTORS],
+    ids=lambda v: v["plaintext"][:12] if isinstance(v, dict) else v,
+)
 def test_legacy_token_refreshes_and_migrates(make_client, spotify, vector, style):
     expect(spotify, refresh_form(vector["plaintext"]), json=TOKENS)
     client = _legacy_client(make_client, vector["secret"], vector["plaintext"])
@@ -593,15 +590,15 @@ def test_legacy_token_with_literal_backslash_n_in_json(make_client, spotify):
     assert unseal(body["refresh_token"]).refresh_token == vector["plaintext"]
 
 
-@pytest.mark.parametrize("vector", LEGACY_VECTORS, ids=lambda v: v["plaintext"][:12])
-def test_legacy_token_without_legacy_secret_is_invalid_grant(client, spotify, vector):
+def test_legacy_token_without_legacy_secret_is_invalid_grant(client, spotify):
+    vector = LEGACY_VECTORS[0]
     response = client.post("/refresh", data={"refresh_token": vector["ciphertext"]})
     assert_error(response, 400, "invalid_grant", "Invalid refresh token")
     assert len(spotify.calls) == 0
 
 
-@pytest.mark.parametrize("vector", LEGACY_VECTORS, ids=lambda v: v["plaintext"][:12])
-def test_legacy_token_with_wrong_secret_is_invalid_grant(make_client, spotify, vector):
+def test_legacy_token_with_wrong_secret_is_invalid_grant(make_client, spotify):
+    vector = LEGACY_VECTORS[0]
     client = make_client(LEGACY_ENCRYPTION_SECRET=vector["secret"] + "-wrong")
     response = client.post("/refresh", data={"refresh_token": vector["ciphertext"]})
     assert_error(response, 400, "invalid_grant", "Invalid refresh token")
@@ -639,7 +636,7 @@ def preflight(client, path: str, origin: str):
     return client.options(path, headers={"Origin": origin, **PREFLIGHT})
 
 
-@pytest.mark.parametrize("path", SWAP_PATHS + REFRESH_PATHS)
+@pytest.mark.parametrize("path", ["/swap", "/api/refresh_token"])
 def test_cors_preflight_from_allowed_origin(make_client, spotify, path):
     response = preflight(make_client(CORS_ORIGINS=ORIGIN), path, ORIGIN)
     assert response.status_code == 204

@@ -48,16 +48,15 @@ def test_spotify_guide_paths_are_served():
 # -- grant_type ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("style", ["form", "json"])
-@pytest.mark.parametrize("path", ALL_PATHS)
+# grant_type is read at every path (each path once, each body style once): it decides the grant, not the path.
+@pytest.mark.parametrize("path, style", [(path, "json" if n == 0 else "form") for n, path in enumerate(ALL_PATHS)])
 def test_authorization_code_grant_is_a_swap_at_every_path(client, spotify, path, style):
     expect(spotify, swap_form(), json={**TOKENS, "refresh_token": RAW_REFRESH})
     body = assert_token_answer(post(client, path, {"grant_type": "authorization_code", "code": CODE}, style))
     assert unseal(body["refresh_token"]).refresh_token == RAW_REFRESH
 
 
-@pytest.mark.parametrize("style", ["form", "json"])
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path, style", [(path, "json" if n == 0 else "form") for n, path in enumerate(ALL_PATHS)])
 def test_refresh_token_grant_is_a_refresh_at_every_path(client, spotify, path, style):
     expect(spotify, refresh_form(), json=TOKENS)
     sent = seal(RAW_REFRESH)
@@ -65,21 +64,11 @@ def test_refresh_token_grant_is_a_refresh_at_every_path(client, spotify, path, s
     assert body == {**TOKENS, "refresh_token": sent}
 
 
-@pytest.mark.parametrize("path", SWAP_PATHS)
-def test_without_grant_type_a_swap_path_swaps(client, spotify, path):
-    expect(spotify, swap_form(), json=TOKENS)
-    assert assert_token_answer(client.post(path, data={"code": CODE})) == TOKENS
+# Without grant_type each path does what its name says: test_app.py, at every path.
 
 
-@pytest.mark.parametrize("path", REFRESH_PATHS)
-def test_without_grant_type_a_refresh_path_refreshes(client, spotify, path):
-    expect(spotify, refresh_form(), json=TOKENS)
-    assert_token_answer(client.post(path, data={"refresh_token": seal(RAW_REFRESH)}))
-
-
-@pytest.mark.parametrize("path", SWAP_PATHS)
-def test_without_grant_type_a_swap_path_does_not_refresh(client, spotify, path):
-    assert_error(client.post(path, data={"refresh_token": seal(RAW_REFRESH)}), 400, "invalid_request", "Missing 'code'")
+def test_without_grant_type_a_swap_path_does_not_refresh(client, spotify):
+    assert_error(client.post("/api/token", data={"refresh_token": seal(RAW_REFRESH)}), 400, "invalid_request", "Missing 'code'")
 
 
 def test_ios_sdk_refresh_body_still_works(client, spotify):
@@ -95,10 +84,9 @@ def test_ios_sdk_refresh_body_still_works(client, spotify):
 
 
 @pytest.mark.parametrize("grant", ["client_credentials", "password", "implicit", "AUTHORIZATION_CODE", "refresh-token"])
-@pytest.mark.parametrize("path", ALL_PATHS)
-def test_other_grant_types_are_unsupported(client, spotify, path, grant):
+def test_other_grant_types_are_unsupported(client, spotify, grant):
     body = assert_error(
-        client.post(path, data={"grant_type": grant, "code": CODE, "refresh_token": seal(RAW_REFRESH)}),
+        client.post("/swap", data={"grant_type": grant, "code": CODE, "refresh_token": seal(RAW_REFRESH)}),
         400, "unsupported_grant_type",
     )
     assert grant not in body["error_description"]  # nothing the client sent is echoed
@@ -145,7 +133,7 @@ def test_browser_oauth_libraries_may_send_basic_auth_cross_origin(make_client, s
     assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", ["/api/token", "/refresh"])
 def test_client_id_of_another_app_is_invalid_client(client, spotify, path):
     body = assert_error(
         client.post(path, data={"client_id": "someone-elses-app", "code": CODE, "refresh_token": seal(RAW_REFRESH)}),
@@ -158,11 +146,10 @@ def test_client_id_of_another_app_is_invalid_client(client, spotify, path):
 # -- SpotifyAPI-NET's guide: the sealed token sent as `code` to the refresh URL --------------------
 
 
-@pytest.mark.parametrize("path", REFRESH_PATHS)
-def test_a_sealed_token_as_code_at_a_refresh_path_is_a_refresh(client, spotify, path):
+def test_a_sealed_token_as_code_at_a_refresh_path_is_a_refresh(client, spotify):
     expect(spotify, refresh_form(), json=TOKENS)
     sent = seal(RAW_REFRESH)
-    assert assert_token_answer(client.post(path, data={"code": sent}))["refresh_token"] == sent
+    assert assert_token_answer(client.post("/v1/refresh", data={"code": sent}))["refresh_token"] == sent
 
 
 def test_a_legacy_token_as_code_at_a_refresh_path_is_a_refresh_and_migrates(make_client, spotify):
@@ -174,9 +161,8 @@ def test_a_legacy_token_as_code_at_a_refresh_path_is_a_refresh_and_migrates(make
 
 
 @pytest.mark.parametrize("code", [CODE, "AQ-not-sealed-here", seal(RAW_REFRESH, SECRET_A)])
-@pytest.mark.parametrize("path", REFRESH_PATHS)
-def test_a_code_that_does_not_open_at_a_refresh_path_is_missing_refresh_token(client, spotify, path, code):
-    assert_error(client.post(path, data={"code": code}), 400, "invalid_request", "Missing 'refresh_token'")
+def test_a_code_that_does_not_open_at_a_refresh_path_is_missing_refresh_token(client, spotify, code):
+    assert_error(client.post("/v1/refresh", data={"code": code}), 400, "invalid_request", "Missing 'refresh_token'")
     assert len(spotify.calls) == 0
 
 
@@ -227,8 +213,8 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("answer, variable", REFUSALS)
-@pytest.mark.parametrize("endpoint", ["swap", "refresh"])
+@pytest.mark.parametrize("answer, variable, endpoint", [(*refusal, ("swap", "refresh")[n % 2])
+                                                       for n, refusal in enumerate(REFUSALS)])
 def test_spotify_refusing_the_services_credentials_is_a_5xx_and_logged_for_the_operator(
     make_client, spotify, caplog, endpoint, answer, variable
 ):
