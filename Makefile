@@ -13,9 +13,9 @@ HOST = 127.0.0.1
 PORT := $(or $(PORT),1234)
 # What the tests start besides Python: a browser, a Redis, certificate tools, Node (for a Node OAuth
 # client library), curl (the README's examples), nginx (deploy/nginx.conf), prometheus (/metrics, the alerting
-# rules), wrk (a short run of the benchmark). Debian package = command name (nginx's is in /usr/sbin, not on
-# every user's PATH).
-TEST_TOOLS = chromium redis-server openssl npm curl nginx prometheus wrk
+# rules), wrk (a short run of the benchmark), haproxy (deploy/haproxy.cfg). Debian package = command name
+# (nginx's and haproxy's are in /usr/sbin, not on every user's PATH).
+TEST_TOOLS = chromium redis-server openssl npm curl nginx prometheus wrk haproxy
 SUDO = $(if $(filter 0,$(shell id -u 2>/dev/null)),,sudo)
 APT_GET = $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq
 
@@ -43,7 +43,7 @@ test-tools:
 	else \
 	  echo "Not installed:$$missing (the tests need $(TEST_TOOLS))."; \
 	  echo "No apt-get here: the tests that need them are skipped, each with its reason, and the others run."; \
-	  echo "To run every test, install them with your package manager (Homebrew: redis openssl node curl nginx prometheus wrk;"; \
+	  echo "To run every test, install them with your package manager (Homebrew: redis openssl node curl nginx prometheus wrk haproxy;"; \
 	  echo "the browser tests run a \`chromium\` command found on PATH)."; \
 	fi
 

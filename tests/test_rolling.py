@@ -1,8 +1,9 @@
-"""Several instances behind the shipped nginx configuration, sharing one Redis, restarted one at a time under load:
-not one request may fail (docs/deploy-vm.md, "Several instances")."""
+"""Several instances behind the shipped nginx configuration, or the shipped HAProxy one, sharing one Redis, restarted
+one at a time under load: not one request may fail (docs/deploy-vm.md, "Several instances")."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ import pytest
 import requests
 
 from devtools.fake_accounts import FakeAccounts
+from devtools.haproxy import HAProxy
 from devtools.nginx import Nginx
 from devtools.process import Server
 from devtools.redis import RedisServer
@@ -149,3 +151,54 @@ def test_the_systemd_template_unit_runs_the_procfiles_command_on_its_port_and_wa
     assert unit["Environment"] == '"GUNICORN_CMD_ARGS=--bind 127.0.0.1:%i"'
     assert (unit["KillSignal"], unit["KillMode"]) == ("SIGTERM", "mixed")  # the master alone gets SIGTERM
     assert int(unit["TimeoutStopSec"]) > server.stop_seconds(load_config(BASE_CONFIG))
+
+
+@pytest.mark.timeout(150)
+def test_three_instances_behind_haproxy_checking_readyz_roll_without_a_retry_or_a_failure(shared_redis):
+    """deploy/haproxy.cfg (active checks on /readyz, retries 0, no redispatch) in front of three instances with the
+    default STOP_DELAY, 20 clients swapping and refreshing; each instance in turn stopped as systemd does (SIGTERM
+    to the master) and started again, the next one only once HAProxy sends the restarted one traffic. Not one
+    request may fail, and HAProxy must have taken each instance out on its 503 at /readyz, while it still served,
+    never on a refused connection."""
+    require("haproxy")
+    started = time.monotonic()
+    stops: list[float] = []
+    with FakeAccounts(latency=0.02) as fake:
+        env = server_env(fake.url, TRUSTED_PROXIES="1", RATE_LIMIT_STORAGE_URI=shared_redis, WEB_CONCURRENCY="1",
+                         SPOTIFY_TIMEOUT="10", STOP_DELAY="")  # blank: the default
+        servers = [Server(env) for _ in range(INSTANCES)]
+        try:
+            for server in servers:  # all three starting at once
+                server.start(wait=False)
+            for server in servers:
+                server.wait_ready()
+            with HAProxy(*(server.port for server in servers)) as haproxy, Clients(haproxy.url) as clients:
+                for server in servers:
+                    since = len(server.output())
+                    assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, "the instance got no traffic"
+                    stopping = time.monotonic()
+                    assert server.stop() == 0
+                    stops.append(time.monotonic() - stopping)
+                    server.start()
+                    since = len(server.output())
+                    assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, \
+                        "HAProxy never sent the restarted instance traffic"  # its checks found it ready again
+                total = clients.total()
+                clients.__exit__()
+                log = haproxy.output()
+            figures = dict(clients.results)
+            failures = list(clients.failures)
+            outputs = [server.output() for server in servers]
+        finally:
+            for server in servers:
+                server.stop()
+    took = time.monotonic() - started
+    # Each state change is said twice (an alert, and the log line): one DOWN per instance, and why.
+    downs = set(re.findall(r"Server tokenswap/(tokenswap\d) is DOWN, reason: ([^,]+), code: (\d+)", log))
+    print(f"rolling restart behind HAProxy: {total} requests ({figures}), {len(failures)} failed, {took:.1f} s; "
+          f"taken out: {sorted(downs)}; stops took {[f'{s:.1f}' for s in stops]} s")
+    assert failures == [], failures[:10]
+    assert total >= 500, figures
+    assert downs == {(f"tokenswap{i}", "Layer7 wrong status", "503") for i in range(1, INSTANCES + 1)}, log
+    for output in outputs:
+        assert "Traceback" not in output and "[ERROR]" not in output

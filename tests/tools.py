@@ -28,8 +28,9 @@ TOOLS = {
     "prometheus": "scraping /metrics for real (Debian's package also brings promtool)",
     "promtool": "checking deploy/prometheus-rules.yml (Debian's prometheus package)",
     "wrk": "a short run of the benchmark (bench/run.py drives its load with wrk)",
+    "haproxy": "deploy/haproxy.cfg in front of three instances, checking /readyz",
 }
-# Debian puts nginx (and other daemons) in /usr/sbin, which is not on every user's PATH.
+# Debian puts nginx and haproxy (and other daemons) in /usr/sbin, which is not on every user's PATH.
 SBIN = "/usr/sbin:/usr/local/sbin"
 
 

@@ -1,0 +1,122 @@
+"""Run the repository's deploy/haproxy.cfg on loopback, in front of servers under test, for tests.
+
+The file run is the shipped one: only its global process lines (no chroot, user or daemon: the test's own
+process, in the foreground), its log (to stdout, a file here), its stats socket (a temporary directory), its binds
+(one plain-HTTP listener on a free 127.0.0.1 port instead of :443 with TLS and :80 redirecting to it) and its
+server lines (the instances' ports) change. Each of those lines must appear exactly once, and the server lines as
+shipped, so the file cannot change shape without this noticing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+from devtools.process import free_port, wait_until_up
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "deploy" / "haproxy.cfg"
+# The backend's lines as shipped: one per instance.
+SERVER = re.compile(r"server (?P<name>tokenswap\d+) 127\.0\.0\.1:\d+")
+SHIPPED_INSTANCES = 3
+
+
+def haproxy_binary() -> str:
+    """Where haproxy is (Debian puts it in /usr/sbin, not on every user's PATH)."""
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise RuntimeError("haproxy is not installed: apt-get install haproxy (.ci/run does)")
+    return found
+
+
+def loopback_config(text: str, *, port: int, server_ports: list[int], directory: str) -> str:
+    """deploy/haproxy.cfg with its process, log, socket, bind and server lines moved to loopback."""
+    servers = [line.strip() for line in text.splitlines() if SERVER.fullmatch(line.strip())]
+    if len(servers) != SHIPPED_INSTANCES:
+        raise ValueError(f"{CONFIG} should list {SHIPPED_INSTANCES} server lines")
+    by_line = {
+        "log /dev/log local0": ["log stdout format raw local0 info"],
+        "chroot /var/lib/haproxy": [],
+        "stats socket /run/haproxy/admin.sock mode 660 level admin": [f"stats socket {directory}/admin.sock mode 600"],
+        "user haproxy": [],
+        "group haproxy": [],
+        "daemon": [],
+        "bind :443 ssl crt /etc/haproxy/certs/tokens.example.com.pem alpn h2,http/1.1": [f"bind 127.0.0.1:{port}"],
+        "bind :80": [],
+        "http-request redirect scheme https code 301 unless { ssl_fc }": [],
+        servers[0]: [f"server tokenswap{i} 127.0.0.1:{p}" for i, p in enumerate(server_ports, 1)],
+        **{line: [] for line in servers[1:]},
+    }
+    seen = dict.fromkeys(by_line, 0)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped in by_line:
+            seen[stripped] += 1
+            indent = line[: len(line) - len(line.lstrip())]
+            lines += [indent + new for new in by_line[stripped]]
+        else:
+            lines.append(line)
+    wrong = {line: count for line, count in seen.items() if count != 1}
+    if wrong:
+        raise ValueError(f"{CONFIG} should have each of these lines once: {wrong}")
+    return "\n".join(lines) + "\n"
+
+
+class HAProxy:
+    """deploy/haproxy.cfg as a real haproxy process on loopback, in front of instances at 127.0.0.1:server_ports."""
+
+    def __init__(self, *server_ports: int):
+        self.server_ports = list(server_ports)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="tokenswap-haproxy-")
+        self.directory = self._tmp.name
+        self.config = os.path.join(self.directory, "haproxy.cfg")
+        self.log = os.path.join(self.directory, "haproxy.log")
+        Path(self.config).write_text(loopback_config(
+            CONFIG.read_text(), port=self.port, server_ports=self.server_ports, directory=self.directory))
+
+    def start(self, timeout: float = 20) -> "HAProxy":
+        with open(self.log, "ab") as log:
+            # -db: in the foreground, its log and alerts (a server going DOWN or UP) to this file.
+            self.process = subprocess.Popen([haproxy_binary(), "-db", "-f", self.config],
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Through to a server behind it: both are up, and its checks have found one ready.
+        if wait_until_up(self.url, self.process, timeout=timeout):
+            return self
+        if self.process.poll() is not None:
+            raise RuntimeError(f"haproxy exited with {self.process.returncode}:\n{self.output()}")
+        raise RuntimeError(f"haproxy not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        """haproxy's log: a line per request, and its alerts."""
+        return Path(self.log).read_text(errors="replace") if Path(self.log).exists() else ""
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # hard stop: open connections are closed
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "HAProxy":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            self._tmp.cleanup()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self._tmp.cleanup()
