@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
+import revocations
 import spotify
 from config import Config, ConfigError, load_config, token_settings
 from crypto import key_id
@@ -83,3 +84,4 @@ def _information(config: Config, echo: Callable[[str], None]) -> None:
          + (f"; {', '.join(ids[1:])} still open tokens" if ids[1:] else ""))
     for line in token_settings(config, time.time()):
         echo(f"{INFO} {line}")
+    echo(f"{INFO} {revocations.kept(config)}")

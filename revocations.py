@@ -253,17 +253,23 @@ def prepare_directory(config: Config) -> str | None:
     return directory
 
 
+def kept(config: Config, directory: str | None = None) -> str:
+    """Where this configuration keeps sign-outs, as `check` and the start say it (`directory`: the shared one)."""
+    if not config.rate_limit_storage_uri.startswith("memory://"):
+        return "sign-outs (POST /revoke) are kept in the rate-limit storage, shared by every instance that uses it"
+    where = f" (in {directory}, shared by its workers)" if directory else ""
+    return (f"sign-outs (POST /revoke) are kept by this instance only{where}, until it stops: for several instances, "
+            "or sign-outs that outlast a restart, set RATE_LIMIT_STORAGE_URI to a Redis URL")
+
+
 def start_message(config: Config, directory: str | None, workers: int) -> tuple[int, str]:
     """What the start says about sign-outs: where they are kept, or why POST /revoke refuses."""
-    if not config.rate_limit_storage_uri.startswith("memory://"):
-        return logging.INFO, ("Sign-outs (POST /revoke) are kept in the rate-limit storage, shared by every "
-                              "instance that uses it")
-    if directory is None and workers > 1:
-        return logging.WARNING, f"Sign-outs (POST /revoke) cannot be kept by all {workers} workers: {FIX}"
-    where = f" (in {directory}, shared by its workers)" if directory else ""
-    return logging.INFO, (f"Sign-outs (POST /revoke) are kept by this instance only{where}, until it stops: for "
-                          "several instances, or sign-outs that outlast a restart, set RATE_LIMIT_STORAGE_URI to a "
-                          "Redis URL")
+    if config.rate_limit_storage_uri.startswith("memory://") and directory is None and workers > 1:
+        return logging.WARNING, (f"Sign-outs (POST /revoke) cannot be kept by all {workers} workers: no directory "
+                                 "they share could be made in the temporary directory (TMPDIR), so /revoke answers "
+                                 "500; set RATE_LIMIT_STORAGE_URI to a Redis URL, or make TMPDIR writable")
+    said = kept(config, directory)
+    return logging.INFO, said[0].upper() + said[1:]
 
 
 def remove_directory(path: str | None) -> None:

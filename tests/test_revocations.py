@@ -168,13 +168,15 @@ def test_the_master_makes_the_shared_file_and_removes_it(config):
     assert revocations.prepare_directory(load_config({**config, "RATE_LIMIT_STORAGE_URI": "redis://127.0.0.1:1"})) is None
 
 
-def test_the_start_says_when_sign_outs_cannot_be_kept_by_every_worker(config):
+def test_the_start_and_check_say_where_sign_outs_are_kept(config):
     from config import load_config
 
-    level, message = revocations.start_message(load_config(config), None, 2)
-    assert level == logging.WARNING and "RATE_LIMIT_STORAGE_URI" in message
-    level, message = revocations.start_message(load_config(config), "/tmp/x", 2)
-    assert level == logging.INFO and "this instance only" in message
+    memory, redis = load_config(config), load_config({**config, "RATE_LIMIT_STORAGE_URI": "redis://127.0.0.1:1"})
+    level, message = revocations.start_message(memory, None, 2)  # the shared directory could not be made
+    assert level == logging.WARNING and "RATE_LIMIT_STORAGE_URI" in message and "500" in message
+    level, message = revocations.start_message(memory, "/tmp/x", 2)
+    assert level == logging.INFO and message.startswith("Sign-outs (POST /revoke) are kept by this instance only")
+    assert "every instance" in revocations.kept(redis) and "this instance only" in revocations.kept(memory)
 
 
 # -- POST /revoke ---------------------------------------------------------------------------------------
