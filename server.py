@@ -16,6 +16,7 @@ killed master stop the same way (docs/operations.md, "Stopping").
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -351,7 +352,7 @@ def start_config(environ: MutableMapping[str, str] | None = None) -> Config:
     try:
         config = load_config(env)
     except ConfigError as err:
-        _stop(f"{err}")
+        _stop(f"{err}", env)
     return config
 
 
@@ -374,7 +375,7 @@ def worker_count(environ: Mapping[str, str] | None = None) -> int:
             raise ValueError
     except ValueError:
         _stop(f"WEB_CONCURRENCY={env['WEB_CONCURRENCY']!r} must be a whole number of worker processes, "
-              "1 or more (default 2)")
+              "1 or more (default 2)", env)
     return workers
 
 
@@ -386,8 +387,12 @@ def stop_seconds(config: Config) -> int:
     return math.ceil(config.stop_delay + longest_request_seconds(config) + STOP_MARGIN)
 
 
-def _stop(problem: str) -> NoReturn:
-    print(f"{problem}\nThe service did not start.", file=sys.stderr, flush=True)
+def _stop(problem: str, env: Mapping[str, str]) -> NoReturn:
+    message = f"{problem}\nThe service did not start."
+    if env.get("LOG_FORMAT", "").strip().lower() == "json":  # one JSON line, like every other line
+        record = logging.LogRecord("gunicorn.error", logging.ERROR, __file__, 0, message, None, None)
+        message = logs.JsonFormatter().format(record)
+    print(message, file=sys.stderr, flush=True)
     sys.exit(1)
 
 

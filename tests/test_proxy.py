@@ -86,6 +86,12 @@ def test_tls_and_the_redirect_to_it_work_as_shipped(proxied):
     assert "evil" not in redirect.text and "secret-code" not in redirect.text
 
 
+def test_the_page_behind_nginx_keeps_a_non_default_port_in_its_urls(proxied):
+    server, nginx = proxied
+    page = requests.get(nginx.tls_url + "/", verify=nginx.cert, timeout=10)
+    assert page.status_code == 200 and f"{nginx.tls_url}/swap" in page.text
+
+
 def test_nginx_answers_its_own_errors_in_json(proxied):
     server, nginx = proxied
     status, _, body = request_from("127.0.0.8", nginx.plain_port, "POST", "/swap", "code=" + "x" * 70_000)

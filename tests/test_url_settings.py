@@ -3,6 +3,8 @@ user name or password of any URL setting is ever shown."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import responses
 
@@ -155,7 +157,9 @@ def test_urls_the_parsers_accept_pass():
 
 
 @pytest.mark.e2e
-def test_a_real_start_with_a_bad_url_stops_naming_it_and_no_credential():
-    code, output = run_until_exit(server_env("http://user:PWSECRET@127.0.0.1:99999"))
-    assert code != 0 and "SPOTIFY_ACCOUNTS_URL" in output and "PWSECRET" not in output, output
-    assert "Traceback" not in output, output
+def test_a_real_start_with_a_bad_url_stops_with_one_json_line_naming_it_and_no_credential():
+    code, output = run_until_exit(server_env("http://user:PWSECRET@127.0.0.1:99999", LOG_FORMAT="json"))
+    assert code != 0 and "PWSECRET" not in output, output
+    [line] = [json.loads(line) for line in output.splitlines() if line.strip()]  # one line, and JSON
+    assert line["level"] == "ERROR" and "SPOTIFY_ACCOUNTS_URL" in line["message"]
+    assert line["message"].endswith("The service did not start.")
