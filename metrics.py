@@ -38,6 +38,8 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
 AGE_BUCKETS = (1.0, 7.0, 30.0, 60.0, 90.0, 120.0, 150.0, 170.0, 181.0, 184.0, 366.0)
 # Why a sign-in was refused before Spotify was called: past REFRESH_TOKEN_LIFETIME, or signed out (POST /revoke).
 GRANT_REFUSALS = ("expired", "signed_out")
+# The directories the server makes when PROMETHEUS_MULTIPROC_DIR is not set: this, the master's pid, "-".
+_MADE_PREFIX = "tokenswap-metrics-"
 # A label value taken from an answer: an OAuth error code is lower-case letters and underscores.
 _CODE = re.compile(r"[a-z_]{1,40}")
 # Deploy platforms name the commit being run in one of these (Heroku, Render, others).
@@ -53,13 +55,37 @@ def prepare_directory() -> str | None:
     inherit it); its path is returned so that the server removes it at exit, else None."""
     directory = os.environ.get(MULTIPROC_DIR, "").strip()
     if not directory:
-        made = tempfile.mkdtemp(prefix="tokenswap-metrics-")
+        sweep_dead_directories()
+        # Named by this master's pid, so that a later start can tell it was left by a dead one.
+        made = tempfile.mkdtemp(prefix=f"{_MADE_PREFIX}{os.getpid()}-")
         os.environ[MULTIPROC_DIR] = made
         return made
     os.makedirs(directory, exist_ok=True)
     for path in glob.glob(os.path.join(directory, "*.db")):
         os.remove(path)
     return None
+
+
+def sweep_dead_directories(root: str | None = None) -> list[str]:
+    """Remove the directories prepare_directory() made for masters that are gone without removing them (a
+    kill -9, a crash): their counts were never scraped after the last scrape, and never will be."""
+    swept = []
+    for path in glob.glob(os.path.join(root or tempfile.gettempdir(), f"{_MADE_PREFIX}*")):
+        pid = os.path.basename(path)[len(_MADE_PREFIX):].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def mark_dead(pid: int) -> None:
@@ -216,6 +242,8 @@ def init_app(app: Flask, config: Config, endpoint_grants: Mapping[str, str]) -> 
 
     @app.before_request
     def count_in_progress() -> None:
+        if request.endpoint == "metrics":  # the scrape reads the gauge: it does not count itself
+            return
         metrics.in_progress.inc()
         g.metrics_in_progress = True
 

@@ -120,7 +120,7 @@ def test_swaps_refreshes_and_their_outcomes_are_counted(config, spotify):
     assert value(found, duration, grant="authorization_code", outcome="invalid_grant") == 1
     assert value(found, duration, grant="refresh_token", outcome="ok") == 1
     assert value(found, "tokenswap_spotify_requests_in_flight") == 0
-    assert value(found, "tokenswap_requests_in_progress") == 1  # the scrape itself
+    assert value(found, "tokenswap_requests_in_progress") == 0, "the scrape does not count itself"
     build = [labels for (sample, labels) in found if sample == "tokenswap_build_info"]
     assert len(build) == 1 and ("python", os.sys.version.split()[0]) in build[0]
 
@@ -189,6 +189,17 @@ def test_the_server_makes_a_directory_when_none_is_set_and_removes_it(monkeypatc
     finally:
         metrics.remove_directory(made)
     assert not os.path.exists(made)
+
+
+def test_a_start_sweeps_the_directories_of_dead_masters_only(tmp_path):
+    gone = 2**22 + 1  # above Linux's highest possible pid (PID_MAX_LIMIT): no process has it
+    dead = tmp_path / f"tokenswap-metrics-{gone}-a1b2"
+    living = tmp_path / f"tokenswap-metrics-{os.getpid()}-c3d4"
+    other = tmp_path / "tokenswap-metrics-not-ours"
+    for directory in (dead, living, other):
+        directory.mkdir()
+    assert metrics.sweep_dead_directories(str(tmp_path)) == [str(dead)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([living.name, other.name])
 
 
 def test_the_server_empties_a_directory_that_is_set_and_keeps_it(monkeypatch, tmp_path):
