@@ -9,7 +9,7 @@ import revocations
 import spotify
 from config import Config, ConfigError, load_config, token_settings
 from crypto import key_id
-from limitstore import storage_for
+from limitstore import storage_for, storage_options
 from logs import redacted_url
 
 OK, FAIL, INFO = "ok  ", "FAIL", "info"
@@ -65,6 +65,10 @@ def _spotify_credentials(config: Config, echo: Callable[[str], None]) -> bool:
 def _storage(config: Config, echo: Callable[[str], None]) -> bool:
     uri = config.rate_limit_storage_uri
     shown = redacted_url(uri)  # a Redis URL may hold a password
+    if _refuses_credentials(uri):
+        echo(f"{FAIL} rate-limit storage {shown} refuses the user name or password in RATE_LIMIT_STORAGE_URI "
+             "(Redis authentication failed): check them against Redis' requirepass or ACL user")
+        return False
     try:
         answered = storage_for(uri).check()
     except Exception as err:  # a storage that cannot even be built from the URL
@@ -74,6 +78,26 @@ def _storage(config: Config, echo: Callable[[str], None]) -> bool:
         return False
     echo(f"{OK} rate-limit storage {shown} answers")
     return True
+
+
+def _refuses_credentials(uri: str) -> bool:
+    """Whether the Redis at `uri` answers but refuses its credentials (or wants some). limits' check() says
+    only whether it answered; redis-py, which limits hands these URIs to, names the refusal."""
+    if not uri.startswith(("redis://", "rediss://", "redis+unix://")):
+        return False  # memory://, and sentinels and clusters (limits builds those clients itself)
+    import redis
+
+    # limits' options for the URI: its socket timeouts (no sentinel_kwargs for these schemes).
+    client = redis.Redis.from_url(uri.replace("redis+unix://", "unix://", 1), **storage_options(uri))
+    try:
+        client.ping()
+    except redis.AuthenticationError:  # WRONGPASS, or NOAUTH when Redis wants a password and none was given
+        return True
+    except redis.RedisError:  # down, or another failure: limits' check says it
+        return False
+    finally:
+        client.close()
+    return False
 
 
 def _information(config: Config, echo: Callable[[str], None]) -> None:

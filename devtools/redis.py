@@ -35,6 +35,8 @@ class RedisServer:
                 try:
                     probe.ping()
                     return self
+                except redis.AuthenticationError:  # up, and wants a password (--requirepass)
+                    return self
                 except redis.ConnectionError:
                     if self.process.poll() is not None or time.monotonic() > deadline:
                         self.stop()

@@ -11,8 +11,10 @@ import responses
 import check
 from config import ConfigError, load_config
 from devtools.process import run_until_exit
+from devtools.redis import RedisServer
 from logs import redacted_url
 from tests.helpers import BASE_CONFIG, server_env
+from tests.tools import require
 
 PASSWORD = "pa55#w0rd"
 SECRET_PARTS = ("pa55", "w0rd", "hunter2", "s3cret")
@@ -163,3 +165,15 @@ def test_a_real_start_with_a_bad_url_stops_with_one_json_line_naming_it_and_no_c
     [line] = [json.loads(line) for line in output.splitlines() if line.strip()]  # one line, and JSON
     assert line["level"] == "ERROR" and "SPOTIFY_ACCOUNTS_URL" in line["message"]
     assert line["message"].endswith("The service did not start.")
+
+
+@pytest.mark.e2e
+def test_check_names_a_redis_authentication_failure_as_such():
+    require("redis-server")
+    with RedisServer("--requirepass", "right-PWSECRET") as server:
+        for given in (f"redis://:wrong-PWSECRET@127.0.0.1:{server.port}/0", server.url):  # wrong, and none
+            lines: list[str] = []
+            check.report({**BASE_CONFIG, "RATE_LIMIT_STORAGE_URI": given}, lines.append)
+            [line] = [line for line in lines if "rate-limit storage" in line]
+            assert line.startswith("FAIL") and "Redis authentication failed" in line and "RATE_LIMIT_STORAGE_URI" in line
+            assert "PWSECRET" not in line
