@@ -24,7 +24,7 @@ from typing import Protocol
 from flask import Flask, current_app, request
 
 from config import Config
-from crypto import Opened
+from crypto import UNSEALED_KEY, Opened
 from limitstore import storage_for
 from logs import Throttle
 
@@ -174,6 +174,10 @@ class Revocations:
         seconds = self.seconds_left(opened)
         if seconds <= 0:
             return  # past its lifetime: refused as expired anyway
+        if opened.key == UNSEALED_KEY:
+            # A raw token (UNSEALED_TOKENS_UNTIL) "opens" whatever its shape allows: keeping each would let anyone
+            # fill the store for a lifetime per request. The app holds a sealed token after its first refresh.
+            return
         try:
             for key in self.keys(opened):
                 self.store.add(key, seconds)

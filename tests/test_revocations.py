@@ -269,3 +269,14 @@ def test_a_store_that_does_not_answer_is_a_503_at_sign_out_and_at_refresh_not_at
     for answer in (revoke, client.post("/refresh", data={"refresh_token": sealed})):
         assert_error(answer, 503, "temporarily_unavailable")
         assert answer.headers["Retry-After"] == "5"
+
+
+def test_a_raw_token_is_not_kept(make_client, spotify):
+    """With UNSEALED_TOKENS_UNTIL on, any string shaped like a Spotify token opens: none is kept, or anyone could fill
+    the store; the sealed token its first refresh hands out is the one to sign out."""
+    client = make_client(UNSEALED_TOKENS_UNTIL="2999-12-31")
+    assert client.post("/revoke", data={"token": RAW_REFRESH}).status_code == 200
+    expect(spotify, refresh_form(), json=TOKENS)
+    sealed = assert_token_answer(client.post("/refresh", data={"refresh_token": RAW_REFRESH}))["refresh_token"]
+    assert client.post("/revoke", data={"token": sealed}).status_code == 200
+    assert_error(client.post("/refresh", data={"refresh_token": sealed}), 400, "invalid_grant")
