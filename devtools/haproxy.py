@@ -83,7 +83,7 @@ class HAProxy:
         Path(self.config).write_text(loopback_config(
             CONFIG.read_text(), port=self.port, server_ports=self.server_ports, directory=self.directory))
 
-    def start(self, timeout: float = 20) -> "HAProxy":
+    def start(self, timeout: float = 20) -> HAProxy:
         with open(self.log, "ab") as log:
             # -db: in the foreground, its log and alerts (a server going DOWN or UP) to this file.
             self.process = subprocess.Popen([haproxy_binary(), "-db", "-f", self.config],
@@ -109,7 +109,7 @@ class HAProxy:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def __enter__(self) -> "HAProxy":
+    def __enter__(self) -> HAProxy:
         try:
             return self.start()
         except BaseException:

@@ -27,7 +27,7 @@ def test_the_default_stop_delay_outlasts_the_time_haproxy_takes_to_notice_a_503(
     within `inter`, the fall-th `fastinter` after each, each taking up to `timeout check`."""
     text = (ROOT / "deploy/haproxy.cfg").read_text()
     [line] = [line.split() for line in text.splitlines() if line.strip().startswith("default-server check")]
-    settings = dict(zip(line[2::2], line[3::2]))
+    settings = dict(zip(line[2::2], line[3::2], strict=True))
     [check_timeout] = re.findall(r"timeout check (\S+)", text)
     assert "option httpchk GET /readyz" in text and re.search(r"^\s*retries 0$", text, re.M)
     noticed = (_seconds(settings["inter"]) + (int(settings["fall"]) - 1) * _seconds(settings["fastinter"])
