@@ -103,17 +103,22 @@ def test_requests_oauthlib_auto_refresh_url(server, fake, monkeypatch):
     client.close()
 
 
+def run_node(script: str, server: Server, code: str):
+    """One of tests/node's scripts against the server, with the code to swap: what it printed, as JSON."""
+    node = ROOT / "tests" / "node"
+    result = subprocess.run(
+        ["node", str(node / script), server.url, CLIENT_ID, code, CALLBACK],
+        cwd=node, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 @needs("node", "npm")
 def test_node_simple_oauth2_swaps_then_refreshes_and_never_loses_its_refresh_token(server, fake):
     """simple-oauth2 copies refresh_token from every answer: without one, its next refresh sent it empty."""
     code = unique("simple-oauth2")
-    node = ROOT / "tests" / "node"
-    result = subprocess.run(
-        ["node", str(node / "simple_oauth2.js"), server.url, CLIENT_ID, code, CALLBACK],
-        cwd=node, capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    held = json.loads(result.stdout)
+    held = run_node("simple_oauth2.js", server, code)
     assert len(held) == 4
     for token in held:
         assert_holds(token, code)
@@ -161,13 +166,7 @@ def test_requests_oauthlib_signs_out_with_oauthlibs_revocation_request(server, f
 @needs("node", "npm")
 def test_node_simple_oauth2_signs_out_with_revoke_all(server, fake):
     code = unique("simple-oauth2-revoke")
-    node = ROOT / "tests" / "node"
-    result = subprocess.run(
-        ["node", str(node / "simple_oauth2_revoke.js"), server.url, CLIENT_ID, code, CALLBACK],
-        cwd=node, capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    held = json.loads(result.stdout)
+    held = run_node("simple_oauth2_revoke.js", server, code)
     assert_holds(held["token"], code)
     assert held["refused"]["status"] == 400
     assert held["refused"]["body"]["error"] == "invalid_grant"

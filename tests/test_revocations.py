@@ -15,6 +15,7 @@ from tests.helpers import (
     RAW_REFRESH,
     ROTATED,
     TOKENS,
+    Clock,
     assert_error,
     assert_token_answer,
     expect,
@@ -24,14 +25,6 @@ from tests.helpers import (
 )
 
 LIFETIME = 1000
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(params=["memory", "file"])
