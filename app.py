@@ -51,7 +51,7 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
             app.wsgi_app, x_for=config.trusted_proxies, x_proto=config.trusted_proxies
         )
     cors.init_app(app, config)
-    ratelimit.init_app(app, config)
+    ratelimit.init_app(app, config, clock=clock)
     revocations.init_app(app, config, clock=clock)
     return app
 

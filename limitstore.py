@@ -45,10 +45,11 @@ def storage_options(uri: str) -> dict[str, object]:
     return timeouts
 
 
-def storage_for(uri: str) -> Storage:
-    """The limits storage for RATE_LIMIT_STORAGE_URI: this process's memory, or Redis with timeouts."""
+def storage_for(uri: str, clock: Callable[[], float] = time.time) -> Storage:
+    """The limits storage for RATE_LIMIT_STORAGE_URI: this process's memory (its windows cut from `clock`), or
+    Redis with timeouts (its own clock)."""
     if uri.startswith("memory://"):
-        return ProcessMemory()
+        return ProcessMemory(clock=clock)
     # limits types its options as scalars; sentinel_kwargs is the one documented dict among them.
     storage = storage_from_string(uri, **storage_options(uri))  # type: ignore[arg-type]
     assert isinstance(storage, Storage)  # a synchronous scheme: the configuration accepts no async:// one

@@ -64,8 +64,9 @@ class Refused(Exception):
 # -- Flask wiring ---------------------------------------------------------------------------------
 
 
-def init_app(app: Flask, config: Config) -> None:
-    """Count and refuse requests of this app as the configuration says; nothing if every limit is off."""
+def init_app(app: Flask, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    """Count and refuse requests of this app as the configuration says; nothing if every limit is off. `clock`,
+    the app's wall clock, cuts the windows of memory storage (tests move it instead of waiting for a window)."""
     if not (config.rate_limit_failures or config.spotify_max_rate or config.rate_limit_per_token):
         return
     limits = Limits(
@@ -75,6 +76,7 @@ def init_app(app: Flask, config: Config) -> None:
         per_token=config.rate_limit_per_token,
         wait=config.timeout,
         logger=app.logger,
+        storage=storage_for(config.rate_limit_storage_uri, clock),
     )
     app.extensions["ratelimit"] = limits
     if not limits.counts_failures:

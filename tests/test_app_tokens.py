@@ -90,7 +90,6 @@ def test_spotify_refusing_the_credentials_is_the_servers_fault(make_client, spot
     assert_error(client.post("/client-credentials-tokens", data=SCHORN_FORM, headers=FORM), 500, "server_error")
 
 
-@pytest.mark.window(5, "1/hour")  # counts on 1/hour refusing the second call
 def test_app_only_requests_spend_the_failure_budget_and_the_ceiling(make_client, spotify):
     client = make_client(CLIENT_CREDENTIALS="on", SPOTIFY_MAX_RATE="1/hour")
     expect(spotify, {"grant_type": "client_credentials"}, status=503, body="<html>down</html>")
@@ -101,7 +100,6 @@ def test_app_only_requests_spend_the_failure_budget_and_the_ceiling(make_client,
     assert len(spotify.calls) == 1
 
 
-@pytest.mark.window(5)  # counts on 1/minute refusing after one failure
 def test_an_address_that_spent_its_failure_budget_gets_no_app_only_token(make_client, spotify):
     client = make_client(CLIENT_CREDENTIALS="on", RATE_LIMIT_FAILURES="1/minute")
     assert_error(client.post("/refresh", data={"refresh_token": "not-sealed-here"}), 400, "invalid_grant")

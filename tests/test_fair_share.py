@@ -18,7 +18,7 @@ import responses
 import ratelimit
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import Server
-from tests.helpers import BASE_CONFIG, SEALER, TOKEN_URL, app_for, server_env, unique
+from tests.helpers import BASE_CONFIG, SEALER, TOKEN_URL, Clock, app_for, server_env, unique
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
 SUCCESS_ROOM = 10
@@ -59,9 +59,8 @@ def test_what_is_no_address_has_no_key(spelling):
     assert ratelimit.canonical_address(spelling) is None
 
 
-@pytest.mark.window(5, "1/hour")
 def test_a_forwarded_entry_that_is_no_address_counts_under_the_connection_and_is_logged_once(caplog):
-    app = app_for({**BASE_CONFIG, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "2/hour"})
+    app = app_for({**BASE_CONFIG, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "2/hour"}, Clock())
     client = app.test_client()
     for spelling in ["not-an-ip \u00fcn\u00efcode", "also-not", "nope"]:
         response = client.post("/swap", data={}, headers={"X-Forwarded-For": spelling})
@@ -73,10 +72,9 @@ def test_a_forwarded_entry_that_is_no_address_counts_under_the_connection_and_is
     assert len(warnings) == 1 and "\\xfcn" in warnings[0]  # written escaped
 
 
-@pytest.mark.window(5, "1/hour")
 def test_a_forwarded_entry_is_never_logged_whole(caplog):
     """A client fills its headers as it likes: a code put there must not reach the log."""
-    app = app_for({**BASE_CONFIG, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "5/hour"})
+    app = app_for({**BASE_CONFIG, "TRUSTED_PROXIES": "1", "RATE_LIMIT_FAILURES": "5/hour"}, Clock())
     code = "AQ" + uuid.uuid4().hex * 8
     app.test_client().post("/swap", data={}, headers={"X-Forwarded-For": code})
     [warning] = [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
@@ -86,11 +84,9 @@ def test_a_forwarded_entry_is_never_logged_whole(caplog):
 # -- the per-token ceiling ---------------------------------------------------------------------------
 
 
-@pytest.mark.window(5, "1/day")
 def test_a_token_refreshed_past_its_ceiling_is_429_without_calling_spotify():
-    # A day's window (ending at midnight UTC): the test does not straddle a window's end, where the
-    # sliding window's rounding would let one more through.
-    app = app_for({**BASE_CONFIG, "RATE_LIMIT_PER_TOKEN": "3/day"})
+    # On a clock that stands still: the test never straddles a window's end.
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_PER_TOKEN": "3/day"}, Clock())
     greedy, other = SEALER.seal("AQ-greedy"), SEALER.seal("AQ-other")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
         spotify.post(TOKEN_URL, json=TOKENS)
@@ -102,7 +98,6 @@ def test_a_token_refreshed_past_its_ceiling_is_429_without_calling_spotify():
     assert refused.get_json()["error"] == "rate_limited" and 0 < int(refused.headers["Retry-After"]) <= 86401
 
 
-@pytest.mark.window(5)
 def test_the_ceiling_is_counted_by_a_hash_of_the_token_never_the_token(monkeypatch):
     keys = []
     original = ratelimit.Limits._spend
@@ -112,7 +107,7 @@ def test_the_ceiling_is_counted_by_a_hash_of_the_token_never_the_token(monkeypat
         return original(self, entries)
 
     monkeypatch.setattr(ratelimit.Limits, "_spend", spend)
-    app = app_for({**BASE_CONFIG, "RATE_LIMIT_PER_TOKEN": "3/minute"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_PER_TOKEN": "3/minute"}, Clock())
     with responses.RequestsMock() as spotify:
         spotify.post(TOKEN_URL, json=TOKENS)
         app.test_client().post("/refresh", data={"refresh_token": SEALER.seal("AQ-raw-secret-token")})
@@ -142,7 +137,6 @@ def post_from(server: Server, source: str, path: str, fields: dict, headers: dic
 
 
 @pytest.mark.e2e
-@pytest.mark.window(15)
 def test_one_client_hammering_its_own_token_leaves_spotify_to_the_others(fake_accounts):
     """SPOTIFY_MAX_RATE=10/second: four threads refresh one token for 3 s from 127.0.0.1 while
     another client swaps from 127.0.0.2 at 4 a second; every one of its swaps succeeds."""
@@ -171,9 +165,9 @@ def test_one_client_hammering_its_own_token_leaves_spotify_to_the_others(fake_ac
             for thread in threads:
                 thread.join(30)
     assert others == [200] * 12
-    # The default: 5 refreshes a minute per token, counted per worker with memory storage (2 workers);
-    # the sliding window's rounding lets one more through in a worker when the test spans a minute's end.
-    assert greedy_statuses[200] <= (5 + 1) * 2, greedy_statuses
+    # The default: 5 refreshes a minute per token, counted per worker with memory storage (2 workers), in limits'
+    # moving window: exact, whenever the test runs.
+    assert greedy_statuses[200] <= 5 * 2, greedy_statuses
     assert greedy_statuses[429] > 0 and set(greedy_statuses) <= {200, 429}
 
 
@@ -183,9 +177,9 @@ SPELLINGS_V4 = ["::ffff:203.0.113.9", "203.0.113.9:5555", "[::ffff:203.0.113.9]:
 
 
 @pytest.mark.e2e
-@pytest.mark.window(15, "1/hour")
+@pytest.mark.window(15, "1/day")  # a real server counts on the wall clock: not across midnight UTC
 def test_every_spelling_of_an_address_spends_one_budget(fake_accounts):
-    env = server_env(fake_accounts.url, TRUSTED_PROXIES="1", RATE_LIMIT_FAILURES="5/hour", WEB_CONCURRENCY="1")
+    env = server_env(fake_accounts.url, TRUSTED_PROXIES="1", RATE_LIMIT_FAILURES="5/day", WEB_CONCURRENCY="1")
     with Server(env) as server:
         for first, others in (("2001:db8::1", SPELLINGS_V6), ("203.0.113.9", SPELLINGS_V4)):
             spent = [post_from(server, "127.0.0.1", "/swap", {}, {"X-Forwarded-For": first})[0] for _ in range(5)]
@@ -199,11 +193,11 @@ def test_every_spelling_of_an_address_spends_one_budget(fake_accounts):
 
 
 @pytest.mark.e2e
-@pytest.mark.window(30, "1/hour")
+@pytest.mark.window(30, "1/day")  # a real server counts on the wall clock: not across midnight UTC
 def test_a_burst_of_junk_after_many_successes_stays_within_the_budget_plus_success_room():
     """300 successes banked, then 100 junk swaps at once: at most 5 + SUCCESS_ROOM reach Spotify."""
     with FakeAccounts(latency=0.3) as fake:
-        env = server_env(fake.url, RATE_LIMIT_FAILURES="5/hour", WEB_CONCURRENCY="1", SPOTIFY_TIMEOUT="10")
+        env = server_env(fake.url, RATE_LIMIT_FAILURES="5/day", WEB_CONCURRENCY="1", SPOTIFY_TIMEOUT="10")
         with Server(env) as server:
             with ThreadPoolExecutor(50) as pool:
                 banked = list(pool.map(lambda n: post_from(server, "127.0.0.1", "/swap", {"code": f"ok-{n}"})[0], range(300)))

@@ -13,7 +13,7 @@ from config import load_config
 from crypto import TokenSealer, key_id
 from devtools.fake_accounts import CLIENT_ID
 from devtools.legacy import legacy_token
-from tests.helpers import TOKEN_URL, app_for, spotifyapiserver_token
+from tests.helpers import TOKEN_URL, Clock, app_for, spotifyapiserver_token
 
 TOKEN = "metrics-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -164,9 +164,11 @@ def test_tokens_opened_are_counted_by_key_id_as_check_lists_them(config, spotify
     assert value(found, name, key="legacy") == 1
 
 
-@pytest.mark.window(5)  # counts on 1/minute refusing the second request
 def test_refusals_are_counted_by_reason(config, spotify):
-    client = make_client(config, RATE_LIMIT_PER_TOKEN="1/minute", RATE_LIMIT_FAILURES="1/minute")
+    # On a clock that stands still: 1/minute refuses the second request whenever the test runs.
+    app = app_for({**config, "METRICS_TOKEN": TOKEN, "RATE_LIMIT_PER_TOKEN": "1/minute",
+                   "RATE_LIMIT_FAILURES": "1/minute"}, Clock())
+    client = app.test_client()
     spotify.post(TOKEN_URL, json=TOKENS)
     sealed = TokenSealer([config["ENCRYPTION_SECRET"]], CLIENT_ID).seal("AQDraw")
     assert client.post("/refresh", data={"refresh_token": sealed}).status_code == 200

@@ -24,7 +24,7 @@ from crypto import TokenSealer
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import Server, free_port
 from devtools.redis import RedisServer
-from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, app_for, server_env
+from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, Clock, app_for, server_env
 from tests.tools import require
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
@@ -38,12 +38,8 @@ PID_LOG = "--access-logformat '%(p)s %(U)s %(s)s'"
 PID_LINE = re.compile(r"^<(\d+)> (/\S*) (\d{3})$", re.MULTILINE)
 
 
-# Every test here counts against hourly windows: each starts with at least 15 s left in the hour (conftest.py).
-pytestmark = pytest.mark.window(15, "1/hour")
-
-
 def limited_client(**settings: str) -> FlaskClient:
-    return app_for({**BASE_CONFIG, **settings}).test_client()
+    return app_for({**BASE_CONFIG, **settings}, Clock()).test_client()
 
 
 def spotify_ok(mock: responses.RequestsMock) -> None:
@@ -271,7 +267,7 @@ def test_a_concurrent_burst_of_junk_cannot_overshoot_the_budget(earlier_failures
     Each call in flight counts against the budget until its answer is known, so at most the failures
     left reach Spotify, whether or not the address had failed before.
     """
-    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"}, Clock())
     burst = 20
     with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
         spotify.add_callback(responses.POST, TOKEN_URL, callback=slow_answer(400, '{"error": "invalid_grant"}'))
@@ -288,7 +284,7 @@ def test_real_users_from_an_address_near_its_budget_wait_their_turn_rather_than_
     The first two successes make room for two more each: 4 at once next. Were each ended call to
     let just one waiter go, the 8 would run 2 at a time.
     """
-    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "10/hour"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "10/hour"}, Clock())
     for _ in range(8):
         assert fail_once(app.test_client(), "invalid_request").status_code == 400
     burst = 8
@@ -303,7 +299,7 @@ def test_real_users_from_an_address_near_its_budget_wait_their_turn_rather_than_
 def test_an_address_whose_calls_succeed_is_not_held_back():
     """Thousands of users behind one carrier NAT: their successes make room for more calls at once,
     up to SUCCESS_ROOM more than the failures left; past that they take turns, and none is refused."""
-    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"}, Clock())
     burst = 5 + SUCCESS_ROOM + 5
     tokens = slow_answer(200, json.dumps(TOKENS), 0.5)  # long enough for the threads to overlap
     with responses.RequestsMock() as spotify:
@@ -318,7 +314,7 @@ def test_an_address_whose_calls_succeed_is_not_held_back():
 
 def test_a_burst_of_junk_after_many_successes_overshoots_the_budget_by_at_most_success_room():
     """Banked successes buy room for real users, not a way past the budget for junk."""
-    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "5/hour"}, Clock())
     with responses.RequestsMock(assert_all_requests_are_fired=False) as spotify:
         spotify.add(responses.POST, TOKEN_URL, json=TOKENS)
         for n in range(100):
@@ -343,7 +339,7 @@ def test_reads_are_never_counted_nor_refused():
 
 
 def test_a_request_that_cannot_get_a_turn_within_spotify_timeout_is_503():
-    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "2/hour", "SPOTIFY_TIMEOUT": "0.3"})
+    app = app_for({**BASE_CONFIG, "RATE_LIMIT_FAILURES": "2/hour", "SPOTIFY_TIMEOUT": "0.3"}, Clock())
     assert fail_once(app.test_client(), "invalid_request").status_code == 400
     in_flight, done = threading.Event(), threading.Event()
 
@@ -435,8 +431,9 @@ def redis_url(redis_server: str) -> str:
 
 
 @pytest.mark.e2e
+@pytest.mark.window(15, "1/day")  # a real server counts on the wall clock: not across midnight UTC
 def test_two_instances_sharing_redis_share_one_budget(redis_url):
-    settings = {"RATE_LIMIT_FAILURES": "4/hour", "SPOTIFY_MAX_RATE": "3/hour", "RATE_LIMIT_STORAGE_URI": redis_url}
+    settings = {"RATE_LIMIT_FAILURES": "4/day", "SPOTIFY_MAX_RATE": "3/day", "RATE_LIMIT_STORAGE_URI": redis_url}
     first, second = limited_client(**settings), limited_client(**settings)
     assert fail_once(first, "invalid_request").status_code == 400
     assert fail_once(second, "not_found").status_code == 404
@@ -496,12 +493,13 @@ def answered_by(server: Server, tag: str, count: int) -> dict[int, list[int]]:
 
 def two_workers(storage_uri: str, limit: int) -> Server:
     env = server_env(
-        "http://127.0.0.1:9", RATE_LIMIT_FAILURES=f"{limit}/hour", RATE_LIMIT_STORAGE_URI=storage_uri
+        "http://127.0.0.1:9", RATE_LIMIT_FAILURES=f"{limit}/day", RATE_LIMIT_STORAGE_URI=storage_uri
     )
     return Server(env, extra_args=f"--workers 2 {PID_LOG}")
 
 
 @pytest.mark.e2e
+@pytest.mark.window(15, "1/day")  # a real server counts on the wall clock: not across midnight UTC
 def test_two_gunicorn_workers_share_one_budget_in_redis(redis_url):
     limit = 10
     with two_workers(redis_url, limit) as server:
@@ -515,6 +513,7 @@ def test_two_gunicorn_workers_share_one_budget_in_redis(redis_url):
 
 
 @pytest.mark.e2e
+@pytest.mark.window(15, "1/day")  # a real server counts on the wall clock: not across midnight UTC
 def test_with_memory_storage_each_worker_has_its_own_budget():
     """Why RATE_LIMIT_STORAGE_URI exists: memory:// counts per worker, so N workers allow N times the limit."""
     limit = 5
