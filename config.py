@@ -266,11 +266,20 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     # master they must not be imported: its gevent workers patch ssl after the fork, and a name imported
     # before stays unpatched (gevent warns). There, a child process parses them and says what it found.
     if not ({"urllib3", "redis"} & set(sys.modules)) and hasattr(os, "fork"):
-        problems = _problems_in_child(env)
+        # Once per process for the same values: the master's hooks read the configuration again while
+        # gunicorn reaps its children, and a child of ours must not meet that.
+        values = tuple((name, env.get(name)) for name in (*VARIABLES, *DEV_VARIABLES, *PROXY_VARIABLES))
+        if values not in _PARSED_IN_CHILD:
+            _PARSED_IN_CHILD[values] = _problems_in_child(env)
+        problems = _PARSED_IN_CHILD[values]
         if problems:
             raise ConfigError(problems)
         return _load(env, parse=False)
     return _load(env, parse=True)
+
+
+# What a child process found wrong with each set of values of the variables (load_config).
+_PARSED_IN_CHILD: dict[tuple[tuple[str, str | None], ...], list[str]] = {}
 
 
 def _problems_in_child(env: Mapping[str, str]) -> list[str]:
@@ -292,7 +301,10 @@ def _problems_in_child(env: Mapping[str, str]) -> list[str]:
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
         said = pipe.read()
-    os.waitpid(pid, 0)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped already (gunicorn's master reaps every child it is told of)
+        pass
     # A child that died saying nothing: the workers parse the URLs again, and refuse to start.
     return list(json.loads(said)) if said else []
 
