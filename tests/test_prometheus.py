@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from crypto import TokenSealer, key_id
 from devtools.fake_accounts import CLIENT_ID
 from devtools.legacy import legacy_token
+from devtools.nginx import Nginx
 from devtools.process import CLOSE, Server, free_port, json_answer, with_children
 from tests.helpers import server_env
 from tests.tools import require
@@ -51,9 +52,12 @@ def test_each_alert_fires_on_its_series_and_not_before():
 
 
 class Prometheus:
-    """Debian's prometheus on a free 127.0.0.1 port, scraping one target every second."""
+    """Debian's prometheus on a free 127.0.0.1 port, scraping its targets (each instance) every second."""
 
-    def __init__(self, target_port: int, directory: str):
+    def __init__(self, target_ports: int | list[int], directory: str):
+        ports = target_ports if isinstance(target_ports, list) else [target_ports]
+        self.targets = len(ports)
+        targets = ", ".join(f"'127.0.0.1:{port}'" for port in ports)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = Path(directory) / "prometheus.yml"
@@ -63,7 +67,7 @@ class Prometheus:
             "scrape_configs:\n"
             "  - job_name: tokenswap\n"
             f"    authorization: {{type: Bearer, credentials: '{TOKEN}'}}\n"
-            f"    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
+            f"    static_configs: [{{targets: [{targets}]}}]\n"
         )
         self.log = Path(directory) / "prometheus.log"
         with open(self.log, "wb") as log:
@@ -78,24 +82,24 @@ class Prometheus:
         assert answer["status"] == "success", answer
         return answer["data"]
 
-    def target(self) -> dict | None:
+    def active_targets(self) -> list[dict]:
         try:
-            targets = self.api("targets")["activeTargets"]
+            return list(self.api("targets")["activeTargets"])
         except requests.RequestException:
-            return None
-        return targets[0] if targets else None
+            return []
 
     def scraped_after(self, moment: float, timeout: float = 20) -> None:
-        """Wait for a successful scrape that began after `moment` (time.time())."""
+        """Wait for a successful scrape of every target that began after `moment` (time.time())."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(self.log.read_text())
-            target = self.target()
-            if target and target["health"] == "up" and _unix(target["lastScrape"]) > moment:
+            targets = self.active_targets()
+            if len(targets) == self.targets and all(
+                    t["health"] == "up" and _unix(t["lastScrape"]) > moment for t in targets):
                 return
             time.sleep(0.2)
-        raise AssertionError(f"no scrape after the test's requests: {self.target()}\n{self.log.read_text()}")
+        raise AssertionError(f"no scrape after the test's requests: {self.active_targets()}\n{self.log.read_text()}")
 
     def query(self, expression: str, *by: str) -> dict[tuple[str, ...], float]:
         result = self.api("query", query=expression)["result"]
@@ -260,3 +264,51 @@ def test_without_a_directory_set_the_server_makes_one_and_removes_it_at_exit(tmp
         assert any(made.glob("*.db")), "the workers write their counts there"
         assert len(_scrape(server)) > 0
     assert list(tmp_path.glob("tokenswap-metrics-*")) == []
+
+
+# -- several instances behind the shipped nginx, each scraped on its own (docs/operations.md) --------------
+
+
+def test_two_instances_behind_nginx_scraped_each_count_exactly_and_a_drained_key_reads_zero(fake_accounts):
+    env = server_env(fake_accounts.url, METRICS_TOKEN=TOKEN, WEB_CONCURRENCY="1", TRUSTED_PROXIES="1",
+                     ENCRYPTION_SECRET=f"{NEW_SECRET},{OLD_SECRET}", RATE_LIMIT_PER_TOKEN="off")
+    old_key, new_key = key_id(OLD_SECRET).hex(), key_id(NEW_SECRET).hex()
+    olds = [TokenSealer([OLD_SECRET], CLIENT_ID).seal(f"AQ-old-user-{n}") for n in range(6)]
+    with tempfile.TemporaryDirectory(prefix="tokenswap-prometheus-") as directory, \
+            Server(env) as first, Server(env) as second, Nginx(first.port, second.port) as nginx:
+        prometheus = Prometheus([first.port, second.port], directory)
+        try:
+            prometheus.scraped_after(time.time())
+
+            def refresh(token: str) -> str:
+                # A new connection each: nginx spreads them over both instances.
+                response = requests.post(nginx.url + "/refresh", data={"refresh_token": token}, headers=CLOSE,
+                                         timeout=10)
+                return str(json_answer(response)["refresh_token"])
+
+            # Every old token refreshed once: each answer carries it sealed under the new key (drained).
+            drained = [refresh(token) for token in olds]
+            prometheus.scraped_after(time.time())
+            per_instance = prometheus.query(
+                f'tokenswap_tokens_opened_total{{key="{old_key}"}}', "instance")
+            assert len(per_instance) == 2 and all(v > 0 for v in per_instance.values()), (
+                "both instances served old tokens, each its own series")
+            assert prometheus.query("sum by (key) (tokenswap_tokens_opened_total)", "key") == {
+                (old_key,): 6, (new_key,): 0}
+
+            # From now on only the drained tokens are used: the documented query, over a window that
+            # starts after the drain, reads zero for the old key while the new one is counted.
+            window = 3
+            drained_at = time.time()
+            query = _rotation_query().replace("[30d]", f"[{window}s]")
+            deadline = time.monotonic() + 30
+            while True:
+                for token in drained:
+                    refresh(token)
+                prometheus.scraped_after(time.time())
+                usage = prometheus.query(query, "key")
+                if time.time() - drained_at > window + 1 or time.monotonic() > deadline:
+                    break
+            assert usage.get((old_key,)) == 0 and usage.get((new_key,), 0) > 0, usage
+        finally:
+            prometheus.stop()
