@@ -137,7 +137,8 @@ def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
             grants = [r["form"]["grant_type"] for r in fake.requests]
             assert [r["form"]["code"] for r in fake.requests if "code" in r["form"]] == ["first"]
     if way == "make run":
-        assert "Using Spotify, with the credentials in .env" in output()
+        # .env points at the stand-in, not Spotify: the banner says so, naming the variable.
+        assert f"Not Spotify: the credentials in .env, with SPOTIFY_ACCOUNTS_URL={fake.url}" in output()
         # make run checked the credentials there first, with an app-only token request.
         assert grants[0] == "client_credentials"
     else:
