@@ -24,7 +24,7 @@ METRICS_TOKEN = "metrics-token-0123456789abcdef"
 # Bounded and repeatable: a fixed seed, a few examples per operation in the fuzzing phase; the coverage phase's
 # boundary cases and the stateful phase's scenarios (a swap, then its refresh token refreshed) come on top.
 SEED = 20261206
-MAX_EXAMPLES = 8
+MAX_EXAMPLES = 5
 # One path of each path item: the aliases (/api/token, /v1/swap, ...) are the same item by $ref, and the app
 # routes each to the same view (tests/test_app.py runs every behaviour at every path).
 TESTED_PATHS = r"^/(swap|refresh|revoke|client-credentials-tokens|health|livez|readyz|openapi\.json|metrics|callback)?$"
@@ -95,14 +95,17 @@ def test_schemathesis_finds_the_running_service_as_described(server, tmp_path):
     document forbids refused), over the coverage, fuzzing and stateful phases, with no failure. One check is left
     out: positive_data_acceptance, which expects every body the document allows to succeed, and cannot: a code
     is Spotify's to accept, a refresh token this deployment's to open, a client_id and redirect_uri this
-    deployment's settings (the document says each, as 400)."""
+    deployment's settings (the document says each, as 400). One worker (Schemathesis' default): with two, its
+    threads parse Python source at once, and CPython 3.11.7 then raises "SystemError: AST constructor recursion
+    depth mismatch" inside Hypothesis (the AST builder's depth count is shared by threads): an error of the tool's,
+    not a finding, but the run fails."""
     since = len(server.output())
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--no-color", "run", f"{server.url}/openapi.json",
          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
          "--phases", "coverage,fuzzing,stateful", "--seed", str(SEED), "--max-examples", str(MAX_EXAMPLES),
          "--include-path-regex", TESTED_PATHS, "--header", f"Authorization: Bearer {METRICS_TOKEN}",
-         "--request-timeout", "20", "--generation-database", "none", "--workers", "2"],
+         "--request-timeout", "20", "--generation-database", "none", "--workers", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=140,
     )
     report = run.stdout + run.stderr
