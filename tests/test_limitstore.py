@@ -38,26 +38,36 @@ TIMEOUTS = {"socket_connect_timeout": REDIS_TIMEOUT_SECONDS, "socket_timeout": R
 # -- memory:// -------------------------------------------------------------------------------------
 
 
-def test_process_memory_decides_as_limits_memory_storage_does(monkeypatch):
-    """The same sliding-window decisions as limits' MemoryStorage, at the same instants."""
+def decisions_side_by_side(monkeypatch, strategy, rate: str, steps: list[float], keys: tuple[str, ...],
+                           stats=lambda stats: stats) -> list:
+    """(ours, limits' MemoryStorage's) decision for each hit of each key, the clock moved by each step in turn;
+    what `stats` takes of their window stats is compared at every hit."""
     now = [1_700_000_000.0]
     # limits' MemoryStorage has no clock to pass: its module's view of time is the only seam.
     monkeypatch.setattr(limits.storage.memory.time, "time", lambda: now[0])
-    ours = SlidingWindowCounterRateLimiter(ProcessMemory(clock=lambda: now[0]))
+    ours = strategy(ProcessMemory(clock=lambda: now[0]))
     reference = limits.storage.memory.MemoryStorage()
-    theirs = SlidingWindowCounterRateLimiter(reference)
-    item = parse("5/minute")
+    theirs = strategy(reference)
+    item = parse(rate)
     decisions = []
     try:
-        for step in [0, 1, 1, 2, 3, 5, 20, 30, 31, 35, 50, 59, 61, 62, 70, 90, 119, 121, 150, 181, 240, 241, 400]:
+        for step in steps:
             now[0] += step
-            for key in ("a", "b"):
+            for key in keys:
                 decisions.append((ours.hit(item, key), theirs.hit(item, key)))
-                assert ours.get_window_stats(item, key).remaining == theirs.get_window_stats(item, key).remaining
+                assert stats(ours.get_window_stats(item, key)) == stats(theirs.get_window_stats(item, key))
     finally:
         reference.timer.cancel()
-    assert all(a == b for a, b in decisions), decisions
     assert {a for a, _ in decisions} == {True, False}
+    return decisions
+
+
+def test_process_memory_decides_as_limits_memory_storage_does(monkeypatch):
+    """The same sliding-window decisions as limits' MemoryStorage, at the same instants."""
+    steps = [0, 1, 1, 2, 3, 5, 20, 30, 31, 35, 50, 59, 61, 62, 70, 90, 119, 121, 150, 181, 240, 241, 400]
+    decisions = decisions_side_by_side(monkeypatch, SlidingWindowCounterRateLimiter, "5/minute", steps, ("a", "b"),
+                                       stats=lambda stats: stats.remaining)
+    assert all(a == b for a, b in decisions), decisions
 
 
 def test_process_memory_forgets_expired_keys():
@@ -79,22 +89,9 @@ def test_memory_uri_is_process_memory():
 
 def test_process_memorys_moving_window_decides_as_limits_memory_storage_does(monkeypatch):
     """The moving window (a token's refreshes): the same decisions as limits' MemoryStorage."""
-    now = [1_700_000_000.0]
-    monkeypatch.setattr(limits.storage.memory.time, "time", lambda: now[0])
-    ours = MovingWindowRateLimiter(ProcessMemory(clock=lambda: now[0]))
-    reference = limits.storage.memory.MemoryStorage()
-    theirs = MovingWindowRateLimiter(reference)
-    item = parse("3/minute")
-    decisions = []
-    try:
-        for step in [0, 1, 1, 2, 30, 57.5, 0.25, 1, 20, 40, 59, 61, 62, 200]:
-            now[0] += step
-            decisions.append((ours.hit(item, "k"), theirs.hit(item, "k")))
-            assert ours.get_window_stats(item, "k") == theirs.get_window_stats(item, "k")
-    finally:
-        reference.timer.cancel()
+    steps = [0, 1, 1, 2, 30, 57.5, 0.25, 1, 20, 40, 59, 61, 62, 200]
+    decisions = decisions_side_by_side(monkeypatch, MovingWindowRateLimiter, "3/minute", steps, ("k",))
     assert all(a == b for a, b in decisions), decisions
-    assert {a for a, _ in decisions} == {True, False}
 
 
 def test_process_memory_counts_concurrent_hits_exactly():

@@ -87,12 +87,32 @@ class Clients:
             thread.join(40)
 
 
+def roll(servers: list[Server], balancer_url: str, balancer: str) -> tuple[int, dict, list, list[float]]:
+    """20 clients swapping and refreshing through the balancer while each server in turn is stopped as systemd
+    does (SIGTERM to the master) and started again, the next only once the balancer sends the restarted one
+    traffic: (requests, figures, failures, seconds each stop took)."""
+    stops: list[float] = []
+    with Clients(balancer_url) as clients:
+        for server in servers:
+            # Load on every instance, this one included, before it is stopped.
+            since = len(server.output())
+            assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, "the instance got no traffic"
+            stopping = time.monotonic()
+            assert server.stop() == 0
+            stops.append(time.monotonic() - stopping)
+            server.start()
+            since = len(server.output())
+            assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, \
+                f"{balancer} never sent the restarted instance traffic"  # back in its rotation
+        total = clients.total()
+    return total, dict(clients.results), list(clients.failures), stops
+
+
 @pytest.mark.timeout(120)
 def test_a_rolling_restart_of_three_instances_under_load_loses_no_request(shared_redis):
     """Each instance in turn is sent SIGTERM while 20 clients swap and refresh through nginx, then started
     again; the next waits until the restarted one serves again. Not one request may fail."""
     started = time.monotonic()
-    restarts = 0
     with FakeAccounts(latency=0.02) as fake:
         env = server_env(fake.url, TRUSTED_PROXIES="1", RATE_LIMIT_STORAGE_URI=shared_redis, WEB_CONCURRENCY="1",
                          SPOTIFY_TIMEOUT="10")
@@ -100,34 +120,20 @@ def test_a_rolling_restart_of_three_instances_under_load_loses_no_request(shared
         try:
             for server in servers:
                 server.start()
-            with Nginx(*(server.port for server in servers)) as nginx, Clients(nginx.url) as clients:
-                for server in servers:
-                    # Load on every instance, this one included, before it is stopped.
-                    since = len(server.output())
-                    assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, "the instance got no traffic"
-                    assert server.stop() == 0
-                    restarts += 1
-                    server.start()
-                    since = len(server.output())
-                    assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, \
-                        "nginx never sent the restarted instance traffic"  # back in nginx's rotation
-                total = clients.total()
-                clients.__exit__()
+            with Nginx(*(server.port for server in servers)) as nginx:
+                total, figures, failures, stops = roll(servers, nginx.url, "nginx")
                 errors = nginx.errors()  # before its directory goes
-            figures = dict(clients.results)
-            failures = list(clients.failures)
             outputs = [server.output() for server in servers]
         finally:
             for server in servers:
                 server.stop()
     took = time.monotonic() - started
     resets = errors.count("(104: Connection reset by peer)")
-    print(f"rolling restart: {total} requests ({figures}), {len(failures)} failed, {restarts} restarts, "
+    print(f"rolling restart: {total} requests ({figures}), {len(failures)} failed, {len(stops)} restarts, "
           f"{took:.1f} s; nginx sent {resets} reset request(s) to another instance")
     assert failures == [], failures[:10]
-    assert restarts == INSTANCES
+    assert len(stops) == INSTANCES
     assert total >= 500, figures
-    assert took < 60
     # What nginx saw: refused connections (a stopped instance), and resets of connections that sat in the
     # listening queue of a stopping instance, their request never read, each retried on another instance; the
     # reset reaches nginx while it connects or while it waits for the answer, depending on the timing. Nothing else.
@@ -162,7 +168,6 @@ def test_three_instances_behind_haproxy_checking_readyz_roll_without_a_retry_or_
     never on a refused connection."""
     require("haproxy")
     started = time.monotonic()
-    stops: list[float] = []
     with FakeAccounts(latency=0.02) as fake:
         env = server_env(fake.url, TRUSTED_PROXIES="1", RATE_LIMIT_STORAGE_URI=shared_redis, WEB_CONCURRENCY="1",
                          SPOTIFY_TIMEOUT="10", STOP_DELAY="")  # blank: the default
@@ -172,22 +177,9 @@ def test_three_instances_behind_haproxy_checking_readyz_roll_without_a_retry_or_
                 server.start(wait=False)
             for server in servers:
                 server.wait_ready()
-            with HAProxy(*(server.port for server in servers)) as haproxy, Clients(haproxy.url) as clients:
-                for server in servers:
-                    since = len(server.output())
-                    assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, "the instance got no traffic"
-                    stopping = time.monotonic()
-                    assert server.stop() == 0
-                    stops.append(time.monotonic() - stopping)
-                    server.start()
-                    since = len(server.output())
-                    assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, \
-                        "HAProxy never sent the restarted instance traffic"  # its checks found it ready again
-                total = clients.total()
-                clients.__exit__()
+            with HAProxy(*(server.port for server in servers)) as haproxy:
+                total, figures, failures, stops = roll(servers, haproxy.url, "HAProxy")
                 log = haproxy.output()
-            figures = dict(clients.results)
-            failures = list(clients.failures)
             outputs = [server.output() for server in servers]
         finally:
             for server in servers:
