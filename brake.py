@@ -6,8 +6,10 @@ Spotify counts an app's calls together, whatever their grant, so one brake holds
   service's own credentials or an app-only token), for FIRST_PAUSE seconds, doubled for each further bad
   answer up to LONGEST_PAUSE; one good answer ends the series.
 Once its time has passed, one call goes to see whether Spotify is back (the others are held for a second
-meanwhile): a good answer releases the brake, a bad one engages it again. With a shared storage (Redis)
-the time is shared with every instance; each process still sends its own call to see.
+meanwhile): a good answer releases the brake, a bad one engages it again. The time it holds is shared:
+with Redis as the rate limits' storage by every instance (`StorageTime`), with memory:// by the instance's
+workers, through a file in the directory the gunicorn master makes for them (`FileTime`). Each process
+still counts its own bad answers, and sends its own call to see.
 Clients are told `spotify.Braked` (429 or 503 with the seconds left); docs/operations.md says it for
 operators. It knows nothing of Flask but `init_app`.
 """
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from flask import Flask
 from limits.storage import Storage
@@ -27,13 +32,15 @@ import spotify
 from config import Config
 from limitstore import storage_for
 from logs import Throttle
+from revocations import DIRECTORY_VARIABLE
 
 BAD_IN_A_ROW = 2
 FIRST_PAUSE = 2.0
 LONGEST_PAUSE = 60.0
 # The longest Retry-After obeyed: a day (a value beyond is a mistake, not a plan).
 LONGEST_WAIT = 24 * 3600
-# The key in the shared storage: its count is the status clients get, its expiry the brake's end.
+# The key in the shared storage, and the file in the workers' directory: its count (its text) is the
+# status clients get, its expiry (its modification time) the brake's end.
 SHARED_KEY = "tokenswap-brake"
 # How long a read of the shared storage is trusted: one read serves a burst of calls.
 SHARED_READ_SECONDS = 0.05
@@ -41,19 +48,71 @@ SHARED_READ_SECONDS = 0.05
 PROBE_WAIT = 1
 
 
+class SharedTime(Protocol):
+    """Where the brake's end is shared with other processes."""
+
+    def read(self, now: float) -> tuple[float, int]:
+        """(until, status) of a brake engaged elsewhere; (0.0, 503) when there is none."""
+
+    def write(self, until: float, status: int, now: float) -> None:
+        """Engage it elsewhere until `until` (wall clock)."""
+
+
+class StorageTime:
+    """The brake's end in the rate limits' storage (Redis): every instance sharing it holds."""
+
+    def __init__(self, storage: Storage):
+        self._storage = storage
+
+    def read(self, now: float) -> tuple[float, int]:
+        status = self._storage.get(SHARED_KEY)
+        return (self._storage.get_expiry(SHARED_KEY), status) if status in (429, 503) else (0.0, 503)
+
+    def write(self, until: float, status: int, now: float) -> None:
+        self._storage.clear(SHARED_KEY)
+        self._storage.incr(SHARED_KEY, math.ceil(until - now), amount=status)
+
+
+class FileTime:
+    """The brake's end as a file's modification time (its text the status), in a directory the workers
+    of one instance share: a stat per call to Spotify, no lock (a file is replaced whole)."""
+
+    def __init__(self, directory: str):
+        self._path = os.path.join(directory, SHARED_KEY)
+        self._directory = directory
+
+    def read(self, now: float) -> tuple[float, int]:
+        try:
+            until = os.stat(self._path).st_mtime
+            if until <= now:
+                return 0.0, 503
+            with open(self._path, encoding="ascii") as file:
+                status = int(file.read() or 503)
+        except (OSError, ValueError):  # none yet, or replaced while read: the next call reads it
+            return 0.0, 503
+        return until, status if status in (429, 503) else 503
+
+    def write(self, until: float, status: int, now: float) -> None:
+        descriptor, written = tempfile.mkstemp(dir=self._directory)
+        with os.fdopen(descriptor, "w", encoding="ascii") as file:
+            file.write(str(status))
+        os.utime(written, (until, until))
+        os.replace(written, self._path)
+
+
 class Brake:
     """The spotify.Gate every call to Spotify passes (see the module's docstring). `clock` is the wall
-    clock (a shared storage's expiry is one); `storage`, when given, is shared with other instances."""
+    clock (a shared storage's expiry is one); `shared`, when given, is where other processes see it."""
 
     def __init__(
         self,
-        storage: Storage | None = None,
+        shared: SharedTime | None = None,
         *,
         clock: Callable[[], float] = time.time,
         logger: logging.Logger | None = None,
         throttle: Throttle | None = None,
     ):
-        self._storage = storage
+        self._shared_time = shared
         self._clock = clock
         self._log = logger
         self._throttle = throttle or Throttle()
@@ -129,38 +188,39 @@ class Brake:
             if now + seconds <= self._until:
                 return
             self._until, self._status, self._cause = now + seconds, status, cause
-        self._write_shared(math.ceil(seconds), status)
+        self._write_shared(now + seconds, status, now)
         if self._log is not None and self._throttle.allows("engaged"):
             self._log.warning(
                 "Brake on calls to Spotify engaged for %g s (%s): clients get %d with Retry-After "
                 "meanwhile%s (logged at most once a minute per worker)",
-                seconds, why, status, ", on every instance sharing RATE_LIMIT_STORAGE_URI" if self._storage else "",
+                seconds, why, status, _WHERE.get(type(self._shared_time), ""),
             )
 
     def _read_shared(self, now: float) -> tuple[float, int]:
-        if self._storage is None:
+        if self._shared_time is None:
             return 0.0, 503
         with self._lock:
             if now - self._read_at < SHARED_READ_SECONDS:
                 return self._shared
             self._read_at = now
         try:
-            status = self._storage.get(SHARED_KEY)
-            shared = (self._storage.get_expiry(SHARED_KEY), status) if status in (429, 503) else (0.0, 503)
+            shared = self._shared_time.read(now)
         except Exception:  # the storage is down: this process's own brake still holds (ratelimit logs it)
             shared = (0.0, 503)
         with self._lock:
             self._shared = shared
         return shared
 
-    def _write_shared(self, seconds: int, status: int) -> None:
-        if self._storage is None:
+    def _write_shared(self, until: float, status: int, now: float) -> None:
+        if self._shared_time is None:
             return
         try:
-            self._storage.clear(SHARED_KEY)
-            self._storage.incr(SHARED_KEY, seconds, amount=status)
+            self._shared_time.write(until, status, now)
         except Exception:  # as above
             pass
+
+
+_WHERE = {StorageTime: ", on every instance sharing RATE_LIMIT_STORAGE_URI", FileTime: ", in every worker"}
 
 
 def _wait_said(err: spotify.SpotifyError | None) -> tuple[float, int] | None:
@@ -182,7 +242,11 @@ def _bad(grant: str, err: spotify.SpotifyError | None) -> bool:
 
 def init_app(app: Flask, config: Config) -> Brake:
     """The brake for this app's calls to Spotify (service.init_app hands it to the Spotify client)."""
-    shared = not config.rate_limit_storage_uri.startswith("memory://")
-    brake = Brake(storage_for(config.rate_limit_storage_uri) if shared else None, logger=app.logger)
+    shared: SharedTime | None = None
+    if not config.rate_limit_storage_uri.startswith("memory://"):
+        shared = StorageTime(storage_for(config.rate_limit_storage_uri))
+    elif os.environ.get(DIRECTORY_VARIABLE):  # under gunicorn: the directory its master made for the workers
+        shared = FileTime(os.environ[DIRECTORY_VARIABLE])
+    brake = Brake(shared, logger=app.logger)
     app.extensions["brake"] = brake
     return brake

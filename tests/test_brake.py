@@ -13,7 +13,7 @@ import pytest
 import requests
 
 import spotify
-from brake import BAD_IN_A_ROW, Brake
+from brake import BAD_IN_A_ROW, Brake, FileTime, SharedTime, StorageTime
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import Server
 from limitstore import ProcessMemory
@@ -112,9 +112,14 @@ def test_a_call_not_sent_after_all_lets_another_look(clock):
     assert held(brake) is None
 
 
-def test_instances_sharing_a_storage_share_the_brake(clock):
-    storage = ProcessMemory(clock=clock)  # as Redis would be: one storage, two instances
-    first, second = Brake(storage, clock=clock), Brake(storage, clock=clock)
+@pytest.mark.parametrize("where", ["storage", "file"])
+def test_processes_sharing_a_storage_or_a_directory_share_the_brake(clock, tmp_path, where):
+    def shared() -> SharedTime:
+        # As Redis would be (one storage, two instances), or the workers' directory (two workers).
+        return StorageTime(storage) if where == "storage" else FileTime(str(tmp_path))
+
+    storage = ProcessMemory(clock=clock)
+    first, second = Brake(shared(), clock=clock), Brake(shared(), clock=clock)
     first.answered("refresh_token", RATE_LIMITED)
     err = held(second)
     assert err is not None and (err.retry_after, err.status) == (30, 429)
@@ -151,10 +156,9 @@ def test_while_held_every_grant_gets_the_wait_as_json(make_client, spotify):
 
 CLIENTS = 20
 SECONDS = 10.0
-# Calls that reach the stand-in, at most, in each case (4,254 and 2,457 without the brake): with memory://
-# each of the two workers learns on its own, from the calls already on their way when the first answers
-# come back (a handful), then sends one each time a pause ends (2 and 6 s after it engaged on 500s).
-# Measured 3, 12 and 8.
+# Calls that reach the stand-in, at most, in each case (4,254 and 2,457 without the brake): the calls
+# already on their way when the first answers come back, the bad answers in a row each of the two workers
+# counts, then one per worker each time a pause ends (2 and 6 s after it engaged on 500s). Measured 3, 12, 7.
 HANDFUL = 15
 
 
