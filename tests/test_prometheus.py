@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from crypto import TokenSealer, key_id
@@ -269,7 +270,18 @@ def test_without_a_directory_set_the_server_makes_one_and_removes_it_at_exit(tmp
 # -- several instances behind the shipped nginx, each scraped on its own (docs/operations.md) --------------
 
 
+def _documented_scrape_job() -> dict:
+    """The scrape job docs/operations.md gives, as Prometheus would read it."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    block = text.split("```yaml\nscrape_configs:", 1)[1].split("```", 1)[0]
+    [job] = yaml.safe_load("scrape_configs:" + block)["scrape_configs"]
+    return job
+
+
 def test_two_instances_behind_nginx_scraped_each_count_exactly_and_a_drained_key_reads_zero(fake_accounts):
+    # As documented: one target per instance (the example lists several), never the load balancer's name.
+    [targets] = [config["targets"] for config in _documented_scrape_job()["static_configs"]]
+    assert len(targets) > 1 and all(":" in target for target in targets), targets
     env = server_env(fake_accounts.url, METRICS_TOKEN=TOKEN, WEB_CONCURRENCY="1", TRUSTED_PROXIES="1",
                      ENCRYPTION_SECRET=f"{NEW_SECRET},{OLD_SECRET}", RATE_LIMIT_PER_TOKEN="off")
     old_key, new_key = key_id(OLD_SECRET).hex(), key_id(NEW_SECRET).hex()
