@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+# Tests that start processes are marked e2e one by one; the pure computations beside them run in the fast tier.
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the service needs, as the Makefile says it.
@@ -73,6 +73,7 @@ def make(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, timeout=120)
 
 
+@pytest.mark.e2e
 def test_an_old_python_is_refused_with_what_to_install_and_how_to_name_it(checkout, old_python):
     old = version_of(str(old_python))
     for goal in ("run", "test"):
@@ -86,12 +87,14 @@ def test_an_old_python_is_refused_with_what_to_install_and_how_to_name_it(checko
         assert "run.py on" not in done.stdout
 
 
+@pytest.mark.e2e
 def test_a_missing_python_is_named(checkout):
     done = make(checkout, "run", "PYTHON=no-such-python3")
     assert done.returncode != 0
     assert "PYTHON=no-such-python3 is not found." in done.stderr and "make run PYTHON=python3.11" in done.stderr
 
 
+@pytest.mark.e2e
 def test_a_venv_made_by_another_python_is_made_again_and_a_linked_one_is_left_whole(checkout, old_python, tmp_path):
     # A .venv that is a symlink to a virtualenv elsewhere, made by the old Python (or a stand-in for one).
     shared = tmp_path / "elsewhere" / "venv"
@@ -120,6 +123,7 @@ def test_a_venv_made_by_another_python_is_made_again_and_a_linked_one_is_left_wh
     assert again.stdout.count("pip install") == 0 and f"run.py on Python {current}" in again.stdout
 
 
+@pytest.mark.e2e
 def test_a_venv_whose_python_is_gone_is_made_again(checkout):
     (checkout / ".venv" / "bin").mkdir(parents=True)
     (checkout / ".venv" / "bin" / "python").symlink_to(checkout / "uninstalled-python")
@@ -130,6 +134,7 @@ def test_a_venv_whose_python_is_gone_is_made_again(checkout):
     assert f"run.py on Python {version_of(sys.executable)}" in done.stdout
 
 
+@pytest.mark.e2e
 def test_port_from_the_environment_or_the_command_line_is_the_same_and_host_only_from_the_command_line(checkout):
     def run_line(*args: str, **environ: str) -> str:
         env = {**os.environ, **environ}

@@ -26,7 +26,7 @@ from devtools.process import CLOSE, free_port, json_answer
 from server import DRAIN_SECONDS
 from tests.helpers import bare_environment, copy_of_the_service, started
 
-pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+# Tests that start processes are marked e2e one by one; the pure computations beside them run in the fast tier.
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / ".env.example"
@@ -94,6 +94,7 @@ def test_a_failed_check_is_the_first_and_the_last_thing_the_banner_says():
     assert "demo projects use http://localhost:1234/swap" in elsewhere
 
 
+@pytest.mark.e2e
 def test_from_a_fresh_copy_it_serves_against_the_stand_in(tmp_path):
     """No .env: one is written, the stand-in plays Spotify, an iOS-SDK-style swap and a refresh work."""
     directory = copy_of_the_service(tmp_path)
@@ -127,6 +128,7 @@ def test_from_a_fresh_copy_it_serves_against_the_stand_in(tmp_path):
         assert value not in console
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("secret, says, page_says", [
     ("test-client-secret", "ok   Spotify accepts SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET", "Credentials checked."),
     ("a-wrong-secret", "FAIL Spotify refuses the credentials", "The check failed."),
@@ -195,6 +197,7 @@ def still_running(tree: dict[int, str]) -> list[int]:
     return alive
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_a_stop_prints_no_traceback_leaves_no_process_and_takes_seconds(tmp_path, how):
     """Ctrl-C as a terminal sends it (SIGINT to the whole process group), or SIGTERM to run.py alone,
@@ -237,6 +240,7 @@ def test_a_stop_prints_no_traceback_leaves_no_process_and_takes_seconds(tmp_path
     assert took < DRAIN_SECONDS + 3, f"took {took:.1f} s to stop"
 
 
+@pytest.mark.e2e
 def test_a_busy_port_is_said_plainly_and_no_banner_is_printed(tmp_path):
     """Another server already answers /health on the port: run.py says so and stops, non-zero."""
     directory = copy_of_the_service(tmp_path)

@@ -15,7 +15,7 @@ from devtools.process import Server, free_port
 from server import MAX_CONNECTIONS_PER_WORKER, OTHER_OPEN_FILES, connections_per_worker
 from tests.helpers import BASE_CONFIG, app_for, server_env
 
-pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+# Tests that start processes are marked e2e one by one; the pure computations beside them run in the fast tier.
 
 WARNING = re.compile(r"\[WARNING\] RATE_LIMIT_STORAGE_URI is memory://.*")
 
@@ -61,6 +61,7 @@ def open_file_limits(pid: int) -> tuple[int, int]:
     raise AssertionError(f"no open-file limit in /proc/{pid}/limits")
 
 
+@pytest.mark.e2e
 def test_the_server_raises_its_open_file_limit_and_sizes_its_workers_to_it(fake_accounts):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or hard < 2048:
@@ -80,6 +81,7 @@ def warnings_at_start(fake_url: str, **env: str) -> list[str]:
         return WARNING.findall(server.output())
 
 
+@pytest.mark.e2e
 def test_memory_storage_with_two_workers_counting_failures_warns_with_the_budget_a_client_gets(fake_accounts):
     [warning] = warnings_at_start(fake_accounts.url, RATE_LIMIT_FAILURES="60/minute")
     assert warning.endswith(
@@ -89,6 +91,7 @@ def test_memory_storage_with_two_workers_counting_failures_warns_with_the_budget
     )
 
 
+@pytest.mark.e2e
 def test_the_warning_names_every_count_memory_storage_multiplies(fake_accounts):
     [warning] = warnings_at_start(fake_accounts.url, RATE_LIMIT_FAILURES="60/minute", RATE_LIMIT_PER_TOKEN="5/minute",
                                   SPOTIFY_MAX_RATE="50/second")
@@ -97,12 +100,14 @@ def test_the_warning_names_every_count_memory_storage_multiplies(fake_accounts):
     assert "the calls to Spotify up to 2 x SPOTIFY_MAX_RATE (50 per second) = 100 per second" in warning
 
 
+@pytest.mark.e2e
 def test_the_warning_names_every_window_of_the_failure_limit(fake_accounts):
     [warning] = warnings_at_start(fake_accounts.url, WEB_CONCURRENCY="3", RATE_LIMIT_FAILURES="5/second;100 per 2 hours")
     assert "each of the 3 workers" in warning
     assert "up to 3 x RATE_LIMIT_FAILURES (5 per second, 100 per 2 hours) = 15 per second, 300 per 2 hours." in warning
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "env",
     [

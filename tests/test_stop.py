@@ -21,7 +21,7 @@ from devtools.process import Server, free_port, wait_for
 from server import DRAIN_SECONDS, stop_seconds
 from tests.helpers import BASE_CONFIG, SEALER, read_answer, server_env, unique
 
-pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
+# Tests that start processes are marked e2e one by one; the pure computations beside them run in the fast tier.
 
 ROOT = Path(__file__).resolve().parent.parent
 def closed_by_server(sock: socket.socket, timeout: float) -> bool:
@@ -71,6 +71,7 @@ def refused(address: tuple[str, int]) -> bool:
     return False
 
 
+@pytest.mark.e2e
 def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_request_whose_headers_arrived():
     """New connections are refused at once; for the drain a request on an idle keep-alive connection
     is answered, with Connection: close; then pre-connected and idle keep-alive connections are
@@ -172,6 +173,7 @@ def requests_from_a_stop_until_refused(fake: FakeAccounts) -> tuple[list[tuple[i
         return statuses, resets, cut, server.output()
 
 
+@pytest.mark.e2e
 def test_a_connection_accepted_while_a_stopping_worker_still_listens_is_answered_not_closed_as_idle():
     """A worker keeps listening for up to a second after SIGTERM (gunicorn's run loop closes its sockets, then
     calls notify). Once its open connections have closed, the drain must not end before that: a connection
@@ -191,6 +193,7 @@ def test_a_connection_accepted_while_a_stopping_worker_still_listens_is_answered
     assert statuses and all(answer == (200, "close") for answer in statuses), statuses
 
 
+@pytest.mark.e2e
 def test_a_worker_gunicorn_retires_itself_drains_too_instead_of_holding_idle_connections():
     """gunicorn ends a worker on its own after --max-requests (and on a reload) by marking it no longer
     alive, with no signal: the stop is the same drain, so an idle keep-alive connection is closed after it,
@@ -251,6 +254,7 @@ def test_the_docs_quote_the_stop_time_gunicorn_conf_computes_and_grace_periods_a
     assert f"({graceful} s with SPOTIFY_TIMEOUT=10" in (ROOT / "Dockerfile").read_text()
 
 
+@pytest.mark.e2e
 def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connections_are_still_served():
     """STOP_DELAY=3: from SIGTERM, /readyz answers 503 on new connections, while swaps on new connections and on a
     keep-alive one still get their 200 (a balancer checking /readyz has time to stop sending); only after the delay
@@ -285,6 +289,7 @@ def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connection
     assert "[ERROR]" not in output and "Traceback" not in output, output
 
 
+@pytest.mark.e2e
 def test_the_workers_of_a_killed_master_finish_what_they_hold_then_exit():
     """kill -9 of the master alone: its workers notice (once a second), finish the swap waiting on
     Spotify, close the rest and exit, instead of exiting at once."""
