@@ -41,6 +41,10 @@ PYTHON
 }
 
 mutation() {
+    # mutmut copies only what [tool.mutmut] lists: a module it does not copy fails every test's import.
+    for module in ./*.py; do
+        grep -q "\"${module#./}\"" pyproject.toml || { echo "[tool.mutmut] source_paths lacks ${module#./}" >&2; exit 1; }
+    done
     rm -rf mutants
     # mutmut's own `run` command, without its click context: the app asks click whether the `flask` command loads
     # it (app._finding_commands), and under `mutmut run` the answer would be mutmut's.
