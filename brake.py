@@ -55,7 +55,7 @@ class SharedTime(Protocol):
         """(until, status) of a brake engaged elsewhere; (0.0, 503) when there is none."""
 
     def write(self, until: float, status: int, now: float) -> None:
-        """Engage it elsewhere until `until` (wall clock)."""
+        """Engage it elsewhere until `until` (wall clock), unless it already holds longer there."""
 
 
 class StorageTime:
@@ -69,6 +69,8 @@ class StorageTime:
         return (self._storage.get_expiry(SHARED_KEY), status) if status in (429, 503) else (0.0, 503)
 
     def write(self, until: float, status: int, now: float) -> None:
+        if self.read(now)[0] >= until:
+            return
         self._storage.clear(SHARED_KEY)
         self._storage.incr(SHARED_KEY, math.ceil(until - now), amount=status)
 
@@ -93,6 +95,8 @@ class FileTime:
         return until, status if status in (429, 503) else 503
 
     def write(self, until: float, status: int, now: float) -> None:
+        if self.read(now)[0] >= until:
+            return
         descriptor, written = tempfile.mkstemp(dir=self._directory)
         with os.fdopen(descriptor, "w", encoding="ascii") as file:
             file.write(str(status))
@@ -144,6 +148,16 @@ class Brake:
                     raise spotify.Braked(PROBE_WAIT, self._status, self._cause)
                 self._probing = True
 
+    def confirm(self) -> None:
+        """Raise spotify.Braked if the brake engaged since check() let this call go."""
+        now = self._clock()
+        until, status = self._read_shared(now)
+        with self._lock:
+            if until > self._until:
+                self._until, self._status, self._engaged, self._cause = until, status, True, None
+            if now < self._until:
+                raise spotify.Braked(math.ceil(self._until - now), self._status, self._cause)
+
     def answered(self, grant: str, err: spotify.SpotifyError | None) -> None:
         """What Spotify answered to a call this brake let go."""
         now = self._clock()
@@ -154,6 +168,10 @@ class Brake:
         if _bad(grant, err):
             with self._lock:
                 self._probing = False
+                if now < self._until:
+                    # Sent before the brake engaged, answered while it holds: the same outage, not a longer
+                    # one (a burst of calls in flight must not stretch the pause).
+                    return
                 self._bad += 1
                 bad, engaged = self._bad, self._engaged
             if bad >= BAD_IN_A_ROW or engaged:

@@ -164,6 +164,10 @@ class Gate(Protocol):
     def check(self) -> None:
         """Raise Braked when no call may go to Spotify now."""
 
+    def confirm(self) -> None:
+        """Raise Braked if the brake engaged since check() let this call go (while the app's limits kept it
+        waiting for its turn)."""
+
     def answered(self, grant: str, err: SpotifyError | None) -> None:
         """The call went to Spotify: `err` is what went wrong, None if it gave tokens."""
 
@@ -257,7 +261,11 @@ class AccountsClient:
         try:
             if admit is not None:
                 admit()
+                gate.confirm()  # a turn can take seconds: the brake may have engaged meanwhile
             tokens = self._observed(form)
+        except Braked:
+            gate.abandoned()
+            raise
         except SpotifyError as err:
             gate.answered(form["grant_type"], err)
             raise
