@@ -71,9 +71,12 @@ def test_every_route_of_the_app_is_described_with_its_methods_and_nothing_else(m
         {path for path, methods in documented.items() if "POST" in methods}
 
 
-def test_schemathesis_settings_leave_out_one_check_only():
+def test_schemathesis_settings_leave_out_one_check_and_take_503_for_load_shedding():
     settings = tomllib.loads((ROOT / "schemathesis.toml").read_text())
-    assert settings == {"workers": 1, "checks": {"positive_data_acceptance": {"enabled": False}}}
+    assert settings == {"workers": 1, "checks": {
+        "positive_data_acceptance": {"enabled": False},
+        "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]},
+    }}
 
 
 def test_each_path_style_links_a_swap_to_a_refresh():
