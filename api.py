@@ -76,9 +76,10 @@ _PROBE = "readiness-probe"
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Whether this instance should get requests: it is not stopping, its keys seal and open a token, and the
-    rate limits' shared storage (Redis) answers when one is configured. What a load balancer's active health
-    check and a readiness probe poll; 503 from the moment a stop begins (STOP_DELAY, docs/operations.md)."""
+    """Whether this instance should get requests: it is not stopping, its keys seal and open a token, and its
+    Redis (RATE_LIMIT_STORAGE_URI: the rate limits' counts, the sign-outs) answers when one is configured. What a
+    load balancer's active health check and a readiness probe poll; 503 from the moment a stop begins
+    (STOP_DELAY, docs/operations.md)."""
     svc = resources()
     if svc.stopping:
         raise OAuthError(503, "temporarily_unavailable", "Not ready: this instance is stopping")
@@ -88,8 +89,8 @@ def readyz() -> Response:
         opens = False
     if not opens:
         raise OAuthError(503, "temporarily_unavailable", "Not ready: the encryption keys do not open a token")
-    if not ratelimit.storage_answers():
-        raise OAuthError(503, "temporarily_unavailable", "Not ready: the rate limits' storage does not answer")
+    if not ratelimit.storage_answers() or not revocations.revocations().store.answers():
+        raise OAuthError(503, "temporarily_unavailable", "Not ready: its Redis (RATE_LIMIT_STORAGE_URI) does not answer")
     return json_response({"status": "ready"})
 
 

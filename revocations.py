@@ -60,6 +60,9 @@ class Store(Protocol):
     def holds(self, keys: Sequence[str]) -> bool:
         """Whether any of `keys` is held."""
 
+    def answers(self) -> bool:
+        """Whether the store can be used now (GET /readyz)."""
+
 
 class ProcessMemory:
     """This process's memory: right for a server of one process only (flask run, tests)."""
@@ -79,6 +82,9 @@ class ProcessMemory:
     def holds(self, keys: Sequence[str]) -> bool:
         now = self._clock()
         return any(self._expires.get(key, 0.0) > now for key in keys)
+
+    def answers(self) -> bool:
+        return True
 
 
 class SharedFile:
@@ -124,6 +130,9 @@ class SharedFile:
             ).fetchone()
         return row is not None
 
+    def answers(self) -> bool:
+        return True  # a local file: a failure to use it is an error of each request, not a state to wait out
+
 
 class SharedStorage:
     """The rate limits' storage (Redis, with its socket timeouts): every instance that shares it sees each key
@@ -140,6 +149,12 @@ class SharedStorage:
 
     def holds(self, keys: Sequence[str]) -> bool:
         return any(self._storage.get(f"{KEY_PREFIX}:{key}") > 0 for key in keys)
+
+    def answers(self) -> bool:
+        try:
+            return bool(self._storage.check())  # a PING, bounded by the storage's socket timeouts
+        except Exception:
+            return False
 
 
 class Revocations:

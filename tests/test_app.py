@@ -438,13 +438,14 @@ def test_not_ready_once_a_stop_begins_but_still_alive(app, spotify):
     assert client.post("/swap", data={"code": CODE}).status_code == 200
 
 
-def test_not_ready_while_the_rate_limits_redis_does_not_answer(make_client, spotify):
-    """Nothing listens at the storage's port: /readyz says so; /livez never asks it."""
+@pytest.mark.parametrize("failures", ["60/minute", "off"])  # off: no limit counts there, sign-outs still live there
+def test_not_ready_while_its_redis_does_not_answer(make_client, spotify, failures):
+    """Nothing listens at RATE_LIMIT_STORAGE_URI's port: /readyz says so; /livez never asks it."""
     from devtools.process import free_port
 
-    client = make_client(RATE_LIMIT_FAILURES="60/minute", RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}")
+    client = make_client(RATE_LIMIT_FAILURES=failures, RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}")
     assert_error(client.get("/readyz"), 503, "temporarily_unavailable",
-                 "Not ready: the rate limits' storage does not answer")
+                 "Not ready: its Redis (RATE_LIMIT_STORAGE_URI) does not answer")
     assert client.get("/livez").status_code == 200
 
 
