@@ -118,6 +118,28 @@ def test_a_call_the_apps_limits_kept_waiting_is_held_if_the_brake_engaged_meanwh
     assert (err := held(brake)) is not None and err.retry_after == 30
 
 
+@pytest.mark.parametrize("where", ["storage", "file"])
+def test_one_call_looks_for_every_process_sharing_the_time(clock, tmp_path, where):
+    storage = ProcessMemory(clock=clock)
+
+    def shared() -> SharedTime:
+        return StorageTime(storage) if where == "storage" else FileTime(str(tmp_path))
+
+    first, second = Brake(shared(), clock=clock), Brake(shared(), clock=clock)
+    first.answered("refresh_token", RATE_LIMITED)
+    assert held(second) is not None  # the second process holds too
+    clock.now += 30
+    assert held(second) is None, "the second process looks"
+    assert (err := held(first)) is not None and err.retry_after == 1, "the first waits for its answer"
+    second.answered("refresh_token", SERVER_ERROR)  # not back yet: a pause, seen by both
+    clock.now += 0.1  # past SHARED_READ_SECONDS, for which a process trusts what it last read
+    assert held(first) is not None and held(second) is not None
+    clock.now += 2
+    assert held(first) is None and held(second) is not None
+    first.answered("refresh_token", None)
+    assert held(first) is None
+
+
 def test_a_call_not_sent_after_all_lets_another_look(clock):
     brake = Brake(clock=clock)
     brake.answered("refresh_token", RATE_LIMITED)
@@ -176,9 +198,9 @@ def test_while_held_every_grant_gets_the_wait_as_json(make_client, spotify):
 CLIENTS = 20
 SECONDS = 10.0
 # Calls that reach the stand-in, at most, in each case (4,254 and 2,457 without the brake): the calls
-# already on their way when the first answers come back, the bad answers in a row each of the two workers
-# counts, then one per worker each time a pause ends (2 and 6 s after it engaged on 500s). Measured 3 to 10,
-# 10 to 12, 7 to 8.
+# already on their way when the first answers come back (at most one per client: with the three cases at
+# once on two cores, 2 to 11), then one for the instance each time a pause ends (2, 4, 8 s on 500s).
+# Measured 2 to 12, 5 to 14, 6.
 HANDFUL = 15
 
 
@@ -233,7 +255,7 @@ def test_the_attackers_three_cases_reach_the_stand_in_a_handful_of_times_each():
             fake.stop()
     print(f"calls that reached the stand-in: {reached}; answers: {answers}")
     assert all(n <= HANDFUL for n in reached.values()), reached
-    assert sum(answers["fault-429-30"].values()) > 100 * HANDFUL, "the clients did ask, many times"
+    assert sum(answers["fault-429-30"].values()) > 10 * HANDFUL, "the clients did ask, many times (no rate: a loaded machine sets it)"
     assert answers["fault-429-30"][(429, True)] >= sum(answers["fault-429-30"].values()) - HANDFUL
     for fault in ("fault-500", "fault-400"):
         assert answers[fault][(503, True)] > 10 * HANDFUL, answers[fault]
