@@ -3,14 +3,13 @@
 Spotify counts an app's calls together, whatever their grant, so one brake holds them all. It engages
 - at once, for as long as Spotify says, on a 429 or 503 with Retry-After (a 429 without one: as below);
 - after BAD_IN_A_ROW bad answers in a row (5xx, an answer that cannot be read, Spotify refusing the
-  service's own credentials or an app-only token), for FIRST_PAUSE seconds, doubled for each further bad
-  answer up to LONGEST_PAUSE; one good answer ends the series.
+  service's own credentials or an app-only token), for FIRST_PAUSE seconds, doubled up to LONGEST_PAUSE each
+  time it engages again; one good answer ends the series. Answers to calls sent before it engaged do not count.
 Once its time has passed, one call goes to see whether Spotify is back, one for all the processes that share
 the time (the others are held for a second meanwhile): a good answer releases the brake, a bad one engages
-it again. The time it holds is shared:
-with Redis as the rate limits' storage by every instance (`StorageTime`), with memory:// by the instance's
-workers, through a file in the directory the gunicorn master makes for them (`FileTime`). Each process
-still counts its own bad answers in a row.
+it again. The time, and that call, are shared: with Redis as the rate limits' storage by every instance
+(`StorageTime`), with memory:// by the instance's workers, through files in the directory the gunicorn
+master makes for them (`FileTime`). Each process counts its own bad answers in a row.
 Clients are told `spotify.Braked` (429 or 503 with the seconds left); docs/operations.md says it for
 operators. It knows nothing of Flask but `init_app`.
 """
