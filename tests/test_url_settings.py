@@ -174,6 +174,6 @@ def test_check_names_a_redis_authentication_failure_as_such():
         for given in (f"redis://:wrong-PWSECRET@127.0.0.1:{server.port}/0", server.url):  # wrong, and none
             lines: list[str] = []
             check.report({**BASE_CONFIG, "RATE_LIMIT_STORAGE_URI": given}, lines.append)
-            [line] = [line for line in lines if "rate-limit storage" in line]
+            [line] = [line for line in lines if line[5:].startswith("rate-limit storage")]
             assert line.startswith("FAIL") and "Redis authentication failed" in line and "RATE_LIMIT_STORAGE_URI" in line
             assert "PWSECRET" not in line
