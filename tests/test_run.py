@@ -236,8 +236,8 @@ def test_a_stop_prints_no_traceback_leaves_no_process_and_takes_seconds(tmp_path
     assert code == 0, console
     assert "Traceback" not in console and "[ERROR]" not in console, console
     assert leftover == [], f"left running: {leftover}\n{console}"
-    # The drain (server.DRAIN_SECONDS), then the exit.
-    assert took < DRAIN_SECONDS + 3, f"took {took:.1f} s to stop"
+    # The drain (server.DRAIN_SECONDS), then the exit: seconds, not graceful_timeout's 35 (room for a loaded machine).
+    assert took < DRAIN_SECONDS + 10, f"took {took:.1f} s to stop"
 
 
 @pytest.mark.e2e

@@ -127,7 +127,8 @@ def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_reque
         output = server.output()
 
     assert exit_code == 0
-    assert DRAIN_SECONDS - 0.2 < closed_after < DRAIN_SECONDS + 1.5, f"idle ones closed after {closed_after:.1f} s"
+    # After the drain, never before; the bound above is room for a loaded machine, far from graceful_timeout's 35 s.
+    assert DRAIN_SECONDS - 0.2 < closed_after < DRAIN_SECONDS + 10, f"idle ones closed after {closed_after:.1f} s"
     assert drained_answer[0] == 200 and drained_answer[1]["connection"] == "close"
     for code, (status, headers, body) in answers:
         assert status == 200, body
@@ -137,8 +138,8 @@ def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_reque
     assert status == 200, body
     assert SEALER.open(json.loads(body)["refresh_token"]).refresh_token == f"AQ-refresh-for-{SLOW_CODE}"
     # The drain, then the worker's once-a-second check that its requests are done: nowhere near
-    # graceful_timeout (35 s with SPOTIFY_TIMEOUT=10).
-    assert stopped_after < DRAIN_SECONDS + 3, f"took {stopped_after:.1f} s to stop"
+    # graceful_timeout (35 s with SPOTIFY_TIMEOUT=10), with room for a loaded machine.
+    assert stopped_after < DRAIN_SECONDS + 10, f"took {stopped_after:.1f} s to stop"
     assert "[ERROR]" not in output and "Traceback" not in output, output
     assert re.search(r"Drained: closing \d+ idle connection\(s\) \(keep-alive connection or not yet used\)", output)
 
@@ -219,7 +220,7 @@ def test_a_worker_gunicorn_retires_itself_drains_too_instead_of_holding_idle_con
         wait_for(lambda: server.output().count("Booting worker") == 2, 10, "a new worker")
         assert requests.get(server.url + "/health", timeout=5).status_code == 200
         output = server.output()
-    assert closed_after < DRAIN_SECONDS + 3, f"closed after {closed_after:.1f} s"
+    assert closed_after < DRAIN_SECONDS + 10, f"closed after {closed_after:.1f} s"  # not graceful_timeout's 35 s
     assert "Drained: closing 1 idle connection(s)" in output
     assert "graceful timeout" not in output and "[ERROR]" not in output and "Traceback" not in output, output
 
