@@ -24,7 +24,7 @@ def test_soak_keeps_the_contract_and_stays_flat():
     print(result.summary())
     assert result.problems() == []
     # The mix really ran: every kind was sent and judged, and the flooding address was held back.
-    assert len(result.requests) == 15 and min(result.requests.values()) >= 10, result.requests
+    assert len(result.requests) == 14 and min(result.requests.values()) >= 10, result.requests
     assert result.attacker_statuses[429] > result.attacker_statuses[400] > 0
     assert len(result.levels) == 2
 
