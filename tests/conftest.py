@@ -25,16 +25,29 @@ pytest_plugins = ["tests.tools"]
 
 
 
-@pytest.fixture(autouse=True)
-def _only_e2e_tests_start_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`pytest -m "not e2e"` stays the fast inner loop: a test not marked e2e that starts a process fails."""
-    if request.node.get_closest_marker("e2e") is not None:
-        return
+def _refuse_process(*args: object, **kwargs: object) -> None:
+    raise AssertionError("this test, or a fixture it uses, starts a process: mark the test @pytest.mark.e2e")
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("this test starts a process: mark it @pytest.mark.e2e")
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """`pytest -m "not e2e"` stays the fast inner loop: a test not marked e2e fails if it starts a process, or if a
+    fixture it sets up does (a module's fixture is set up with the first test that uses it, inside this hook)."""
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", _refuse_process)
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """The same while the test runs."""
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", _refuse_process)
+        return (yield)
 
 
 @pytest.fixture(autouse=True)

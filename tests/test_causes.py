@@ -75,6 +75,7 @@ def test_check_and_the_log_name_the_cause(cause, caplog):
     assert f"{url}/api/token: {cause};" in record.getMessage()
 
 
+@pytest.mark.e2e  # tls_accounts makes its certificate with openssl, a process
 def test_an_untrusted_certificate_is_named_with_the_ca_bundle_hint(tls_accounts, caplog, monkeypatch):
     [line] = check_lines(tls_accounts.url)
     assert "TLS certificate not trusted" in line and "REQUESTS_CA_BUNDLE" in line
@@ -87,6 +88,7 @@ def test_an_untrusted_certificate_is_named_with_the_ca_bundle_hint(tls_accounts,
     assert line.startswith("ok   Spotify accepts"), line
 
 
+@pytest.mark.e2e  # tls_accounts makes its certificate with openssl, a process
 def test_a_dead_proxy_is_named_as_the_proxy_not_as_spotify(tls_accounts, caplog, monkeypatch):
     proxy = closed_port()
     monkeypatch.setenv("HTTPS_PROXY", proxy.replace("http://", "http://user:PWSECRET@"))

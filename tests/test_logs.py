@@ -234,6 +234,7 @@ def json_lines() -> list[dict]:
     return [json.loads(line) for line in run("json")]  # every line parses
 
 
+@pytest.mark.e2e  # json_lines starts the real server
 def test_every_json_line_has_time_level_and_message(json_lines):
     for line in json_lines:
         assert {"time", "level", "message"} <= set(line), line
@@ -242,6 +243,7 @@ def test_every_json_line_has_time_level_and_message(json_lines):
     assert any(m.startswith("Shutting down") for m in messages)
 
 
+@pytest.mark.e2e  # json_lines starts the real server
 def test_json_access_lines_have_the_atoms_and_the_request_id(json_lines):
     access = [line for line in json_lines if line.get("logger") == "gunicorn.access"]
     swap = next(line for line in access if line["path"] == "/swap" and line["status"] == "503")
@@ -251,12 +253,14 @@ def test_json_access_lines_have_the_atoms_and_the_request_id(json_lines):
     assert FRESH.fullmatch(health["request_id"])
 
 
+@pytest.mark.e2e  # json_lines starts the real server
 def test_the_apps_warning_is_json_with_the_request_id(json_lines):
     [warning] = [line for line in json_lines if "could not be reached" in line["message"]]
     assert warning["level"] == "WARNING" and warning["request_id"] == "req-e2e-1"
     assert ": connection refused;" in warning["message"]
 
 
+@pytest.mark.e2e  # json_lines starts the real server
 def test_gunicorns_refusal_is_json(json_lines):
     [refused] = [line for line in json_lines if "Invalid request" in line["message"]]
     assert refused["level"] == "WARNING" and refused["message"].startswith("Invalid request from ip=127.0.0.1")
