@@ -5,6 +5,7 @@ Helpers and constants that tests import live in tests/helpers.py; fixtures are o
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -29,21 +30,28 @@ def _refuse_process(*args: object, **kwargs: object) -> None:
     raise AssertionError("this test, or a fixture it uses, starts a process: mark the test @pytest.mark.e2e")
 
 
+@contextlib.contextmanager
+def _no_process_unless_e2e(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker("e2e") is not None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", _refuse_process)
+        yield
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     """`pytest -m "not e2e"` stays the fast inner loop: a test not marked e2e fails if it starts a process, or if a
     fixture it sets up does (a module's fixture is set up with the first test that uses it, inside this hook)."""
-    if item.get_closest_marker("e2e") is not None:
-        return (yield)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(subprocess.Popen, "__init__", _refuse_process)
+    with _no_process_unless_e2e(item):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """The same while the test runs."""
-    if item.get_closest_marker("e2e") is not None:
+    with _no_process_unless_e2e(item):
         return (yield)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(subprocess.Popen, "__init__", _refuse_process)
