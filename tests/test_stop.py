@@ -257,10 +257,10 @@ def test_the_docs_quote_the_stop_time_gunicorn_conf_computes_and_grace_periods_a
 
 @pytest.mark.e2e
 def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connections_are_still_served():
-    """STOP_DELAY=3: from SIGTERM, /readyz answers 503 on new connections, while swaps on new connections and on a
-    keep-alive one still get their 200 (a balancer checking /readyz has time to stop sending); only after the delay
-    does the port close. No error logged, a clean exit."""
-    delay = 3.0
+    """STOP_DELAY=6 (room for a loaded machine to send its requests within it): from SIGTERM, /readyz answers 503 on
+    new connections, while swaps on new connections and on a keep-alive one still get their 200 (a balancer checking
+    /readyz has time to stop sending); only after the delay does the port close. No error logged, a clean exit."""
+    delay = 6.0
     with FakeAccounts() as fake, Server(server_env(fake.url, STOP_DELAY=str(delay))) as server:
         address = ("127.0.0.1", server.port)
         kept = socket.create_connection(address, timeout=10)
@@ -285,7 +285,7 @@ def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connection
     assert kept_status == 200 and kept_headers.get("connection") != "close"
     # Timers never fire early: the port cannot close before the delay, however loaded the machine.
     assert answered_within < closed_after and closed_after >= delay, (answered_within, closed_after)
-    assert output.count("Stopping in 3.0 s (STOP_DELAY)") == 2  # each worker
+    assert output.count("Stopping in 6.0 s (STOP_DELAY)") == 2  # each worker
     assert exit_code == 0
     assert "[ERROR]" not in output and "Traceback" not in output, output
 
