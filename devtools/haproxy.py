@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
-from devtools.process import free_port, wait_until_up
+from devtools.process import free_port, replace_lines, stop_process, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "haproxy.cfg"
@@ -52,20 +51,7 @@ def loopback_config(text: str, *, port: int, server_ports: list[int], directory:
         servers[0]: [f"server tokenswap{i} 127.0.0.1:{p}" for i, p in enumerate(server_ports, 1)],
         **{line: [] for line in servers[1:]},
     }
-    seen = dict.fromkeys(by_line, 0)
-    lines = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped in by_line:
-            seen[stripped] += 1
-            indent = line[: len(line) - len(line.lstrip())]
-            lines += [indent + new for new in by_line[stripped]]
-        else:
-            lines.append(line)
-    wrong = {line: count for line, count in seen.items() if count != 1}
-    if wrong:
-        raise ValueError(f"{CONFIG} should have each of these lines once: {wrong}")
-    return "\n".join(lines) + "\n"
+    return replace_lines(text, by_line, CONFIG)
 
 
 class HAProxy:
@@ -100,14 +86,8 @@ class HAProxy:
         return Path(self.log).read_text(errors="replace") if Path(self.log).exists() else ""
 
     def stop(self, timeout: float = 10) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)  # hard stop: open connections are closed
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout)  # SIGTERM: a hard stop, open connections are closed
 
     def __enter__(self) -> HAProxy:
         try:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 from devtools.fake_accounts import make_certificate
-from devtools.process import free_port, wait_until_up, with_children
+from devtools.process import free_port, replace_lines, stop_process, wait_until_up, with_children
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "nginx.conf"
@@ -58,20 +57,7 @@ def loopback_config(text: str, *, tls_port: int, plain_port: int, http_port: int
         "error_log /var/log/nginx/error.log crit;": [f"error_log {directory}/error.log error;"],
         "access_log /var/log/nginx/access.log tokenswap;": [f"access_log {directory}/access.log tokenswap;"],
     }
-    seen = dict.fromkeys(by_line, 0)
-    lines = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped in by_line:
-            seen[stripped] += 1
-            indent = line[: len(line) - len(line.lstrip())]
-            lines += [indent + new for new in by_line[stripped]]
-        else:
-            lines.append(line)
-    wrong = {line: count for line, count in seen.items() if count != 1}
-    if wrong:
-        raise ValueError(f"{CONFIG} should have each of these lines once: {wrong}")
-    return "\n".join(lines) + "\n"
+    return replace_lines(text, by_line, CONFIG)
 
 
 class Nginx:
@@ -123,14 +109,8 @@ class Nginx:
         return with_children(self.process.pid)
 
     def stop(self, timeout: float = 10) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)  # fast shutdown: open connections are closed
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout)  # SIGTERM: a fast shutdown, open connections are closed
 
     def __enter__(self) -> Nginx:
         try:

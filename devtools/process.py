@@ -59,6 +59,37 @@ def wait_for(condition: Callable[[], T], timeout: float = 10, what: str = "the c
     return value
 
 
+def replace_lines(text: str, by_line: dict[str, list[str]], source: Path) -> str:
+    """`text` with each line in `by_line` (stripped) replaced by its list of lines, at its indent; each must stand
+    exactly once, so that a shipped file (deploy/) that changes its lines fails loudly rather than runs unchanged."""
+    seen = dict.fromkeys(by_line, 0)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped in by_line:
+            seen[stripped] += 1
+            indent = line[: len(line) - len(line.lstrip())]
+            lines += [indent + new for new in by_line[stripped]]
+        else:
+            lines.append(line)
+    wrong = {line: count for line, count in seen.items() if count != 1}
+    if wrong:
+        raise ValueError(f"{source} should have each of these lines once: {wrong}")
+    return "\n".join(lines) + "\n"
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM to a process started in its own session, and SIGKILL to its group if it has not ended in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
