@@ -21,6 +21,7 @@ import math
 import os
 import re
 import resource
+import signal
 import socket
 import sys
 import time
@@ -137,6 +138,13 @@ MAX_HEAD_BYTES = LIMIT_REQUEST_LINE + 2 + LIMIT_REQUEST_FIELDS * (LIMIT_REQUEST_
 DRAIN_SECONDS = 3.0
 
 
+# The signals that stop a worker. One sent while the worker boots, before gunicorn installs its handlers
+# (init_signals), would reach the master's handlers it inherited and be lost: the worker would hold the port
+# until graceful_timeout (a make run that Ctrl-C does not stop, a deploy 40 s late). They are held pending
+# from the start of the boot until gunicorn's handlers are in place, then delivered to them.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+
+
 class _Stopping(Exception):
     """Thrown into a connection's greenlet that waits for a request when the worker stops."""
 
@@ -158,6 +166,7 @@ class Worker(GeventWorker):
     """
 
     def init_process(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until init_signals: see STOP_SIGNALS
         # How long a stop goes on serving, GET /readyz answering 503, before gunicorn's stop begins.
         self.stop_delay = load_config().stop_delay
         self.announced = False  # SIGTERM came: the app says it is not ready, the delay runs
@@ -176,6 +185,11 @@ class Worker(GeventWorker):
         # fails if an upgrade renames or bypasses it.
         util.write_error = write_json_error
         super().init_process()
+
+    def init_signals(self) -> None:
+        """gunicorn's handlers, then the stop signals that came during the boot, delivered to them."""
+        super().init_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         self.connections.add(client)

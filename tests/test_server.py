@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +20,10 @@ from gunicorn.workers import base, base_async, ggevent
 
 import logs
 import server
+from config import load_config
 from devtools.flood import raise_open_file_limit
 from devtools.process import CLOSE
-from tests.helpers import exchange
+from tests.helpers import BASE_CONFIG, exchange
 
 
 def test_the_one_patch_still_reaches_gunicorn():
@@ -157,3 +159,33 @@ def test_client_field_keeps_addresses_and_escapes_the_rest():
         assert logs.client_field(address) == address
     assert logs.client_field("a b\"c\n\u00e9") == 'a\\x20b\\x22c\\n\\xe9'
     assert logs.client_field("y" * 8000) == "y" * 45 + "..."
+
+
+def test_a_stop_signal_sent_while_a_worker_boots_waits_for_gunicorns_handlers(monkeypatch):
+    """A SIGTERM or Ctrl-C that reaches a worker before gunicorn installs its handlers (init_signals) must not
+    be lost (the worker would hold the port until graceful_timeout): the boot holds the stop signals pending,
+    and init_signals delivers them to gunicorn's handlers."""
+    mask = {}
+
+    def now() -> set[int]:
+        return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    def handlers_installed(self) -> None:
+        mask["handlers"] = now()
+
+    def boot(self) -> None:  # gunicorn's boot up to and including init_signals, without serving
+        mask["booting"] = now()
+        self.init_signals()
+        mask["booted"] = now()
+
+    monkeypatch.setattr(base.Worker, "init_signals", handlers_installed)
+    monkeypatch.setattr(ggevent.GeventWorker, "init_process", boot)
+    monkeypatch.setattr(server, "load_config", lambda: load_config(BASE_CONFIG))
+    monkeypatch.setattr(util, "write_error", util.write_error)  # init_process's one patch, undone after the test
+    before = now()
+    try:
+        server.Worker.__new__(server.Worker).init_process()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert server.STOP_SIGNALS <= mask["booting"] and server.STOP_SIGNALS <= mask["handlers"]
+    assert not server.STOP_SIGNALS & mask["booted"]
