@@ -39,7 +39,8 @@ def test_the_one_patch_still_reaches_gunicorn():
 
 def test_the_worker_overrides_only_public_methods_that_gunicorn_still_calls():
     """handle (each accepted connection), timeout_ctx (the wait for a request's headers), handle_request
-    (a request whose headers have arrived) and handle_exit (SIGTERM): public, and called where expected."""
+    (a request whose headers have arrived), handle_exit (SIGTERM) and init_signals (the boot's handlers):
+    public, and called where expected."""
     overridden = {name for name in vars(server.Worker) if callable(vars(server.Worker)[name])}
     assert not {name for name in overridden if name.startswith("_")}
     handle = inspect.getsource(base_async.AsyncWorker.handle)
@@ -54,6 +55,9 @@ def test_the_worker_overrides_only_public_methods_that_gunicorn_still_calls():
     assert alive_loop < closing < run.index("self.notify()", closing)
     assert run.count("self.notify()") == 2
     assert "signal.signal(signal.SIGTERM, self.handle_exit)" in inspect.getsource(base.Worker.init_signals)
+    # The stop signals held during the boot (server.STOP_SIGNALS) are released once gunicorn's handlers are in.
+    boot = inspect.getsource(base.Worker.init_process)
+    assert boot.index("self.init_signals()") < boot.index("self.load_wsgi()") < boot.index("self.run()")
     # The quiet end of a wait: gunicorn's own timeout_ctx is a gevent.Timeout that ends the block.
     assert "gevent.Timeout(self.cfg.keepalive, False)" in inspect.getsource(ggevent.GeventWorker.timeout_ctx)
 
