@@ -12,11 +12,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-from devtools.process import free_port, replace_lines, stop_process, wait_until_up
+from devtools.process import LoopbackProxy, free_port, replace_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "haproxy.cfg"
@@ -54,49 +52,31 @@ def loopback_config(text: str, *, port: int, server_ports: list[int], directory:
     return replace_lines(text, by_line, CONFIG)
 
 
-class HAProxy:
+class HAProxy(LoopbackProxy):
     """deploy/haproxy.cfg as a real haproxy process on loopback, in front of instances at 127.0.0.1:server_ports."""
 
+    name = "haproxy"
+
     def __init__(self, *server_ports: int):
+        super().__init__()
         self.server_ports = list(server_ports)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="tokenswap-haproxy-")
-        self.directory = self._tmp.name
         self.config = os.path.join(self.directory, "haproxy.cfg")
         self.log = os.path.join(self.directory, "haproxy.log")
         Path(self.config).write_text(loopback_config(
             CONFIG.read_text(), port=self.port, server_ports=self.server_ports, directory=self.directory))
 
-    def start(self, timeout: float = 20) -> HAProxy:
-        with open(self.log, "ab") as log:
-            # -db: in the foreground, its log and alerts (a server going DOWN or UP) to this file.
-            self.process = subprocess.Popen([haproxy_binary(), "-db", "-f", self.config],
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        # Through to a server behind it: both are up, and its checks have found one ready.
-        if wait_until_up(self.url, self.process, timeout=timeout):
-            return self
-        if self.process.poll() is not None:
-            raise RuntimeError(f"haproxy exited with {self.process.returncode}:\n{self.output()}")
-        raise RuntimeError(f"haproxy not ready after {timeout}s:\n{self.output()}")
+    def command(self) -> list[str]:
+        # -db: in the foreground, its log and alerts (a server going DOWN or UP) to the log file.
+        return [haproxy_binary(), "-db", "-f", self.config]
+
+    def log_path(self) -> str:
+        return self.log
+
+    def log_text(self) -> str:
+        return self.output()
 
     def output(self) -> str:
         """haproxy's log: a line per request, and its alerts."""
         return Path(self.log).read_text(errors="replace") if Path(self.log).exists() else ""
-
-    def stop(self, timeout: float = 10) -> None:
-        if self.process is not None:
-            stop_process(self.process, timeout)  # SIGTERM: a hard stop, open connections are closed
-
-    def __enter__(self) -> HAProxy:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            self._tmp.cleanup()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self._tmp.cleanup()

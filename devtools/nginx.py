@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 from devtools.fake_accounts import make_certificate
-from devtools.process import free_port, replace_lines, stop_process, wait_until_up, with_children
+from devtools.process import LoopbackProxy, free_port, replace_lines, with_children
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "nginx.conf"
@@ -60,18 +58,18 @@ def loopback_config(text: str, *, tls_port: int, plain_port: int, http_port: int
     return replace_lines(text, by_line, CONFIG)
 
 
-class Nginx:
+class Nginx(LoopbackProxy):
     """deploy/nginx.conf as a real nginx process on loopback, in front of instances at 127.0.0.1:upstream_ports."""
 
+    name = "nginx"
+
     def __init__(self, *upstream_ports: int):
+        super().__init__()
         self.upstream_ports = list(upstream_ports)
         self.tls_port, self.plain_port, self.http_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.plain_port}"
         self.tls_url = f"https://127.0.0.1:{self.tls_port}"
         self.http_url = f"http://127.0.0.1:{self.http_port}"
-        self.process: subprocess.Popen | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="tokenswap-nginx-")
-        self.directory = self._tmp.name
         # nginx started as root runs its workers as the file's user (www-data): they must reach it.
         os.chmod(self.directory, 0o755)
         self.cert, key = make_certificate(self.directory)
@@ -81,19 +79,15 @@ class Nginx:
             upstream_ports=self.upstream_ports, directory=self.directory, cert=self.cert, key=key,
         ))
 
-    def start(self, timeout: float = 20) -> Nginx:
-        with open(os.path.join(self.directory, "stderr.log"), "ab") as stderr:
-            self.process = subprocess.Popen(
-                [nginx_binary(), "-p", self.directory, "-c", self.config,
-                 "-e", os.path.join(self.directory, "error.log"), "-g", "daemon off;"],
-                stdout=stderr, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        # Through to the server behind it: both are up.
-        if wait_until_up(self.url, self.process, timeout=timeout):
-            return self
-        if self.process.poll() is not None:
-            raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.errors()}")
-        raise RuntimeError(f"nginx not ready after {timeout}s:\n{self.errors()}")
+    def command(self) -> list[str]:
+        return [nginx_binary(), "-p", self.directory, "-c", self.config,
+                "-e", os.path.join(self.directory, "error.log"), "-g", "daemon off;"]
+
+    def log_path(self) -> str:
+        return os.path.join(self.directory, "stderr.log")
+
+    def log_text(self) -> str:
+        return self.errors()
 
     def errors(self) -> str:
         """nginx's own output and error log."""
@@ -107,19 +101,3 @@ class Nginx:
         if self.process is None:
             raise RuntimeError("nginx was not started")
         return with_children(self.process.pid)
-
-    def stop(self, timeout: float = 10) -> None:
-        if self.process is not None:
-            stop_process(self.process, timeout)  # SIGTERM: a fast shutdown, open connections are closed
-
-    def __enter__(self) -> Nginx:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            self._tmp.cleanup()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self._tmp.cleanup()

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import requests
 
@@ -88,6 +88,58 @@ def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+class LoopbackProxy:
+    """A proxy from deploy/ (nginx, HAProxy) as a real process on loopback, in a temporary directory of its own:
+    started in its own session, up once `url` answers through it, stopped with SIGTERM, its directory removed."""
+
+    name = "proxy"
+    url = ""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"tokenswap-{self.name}-")
+        self.directory = self._tmp.name
+
+    def command(self) -> list[str]:
+        """The proxy's command line, in the foreground."""
+        raise NotImplementedError
+
+    def log_path(self) -> str:
+        """Where its output goes."""
+        raise NotImplementedError
+
+    def log_text(self) -> str:
+        """What it said, for an error message."""
+        raise NotImplementedError
+
+    def start(self, timeout: float = 20) -> Self:
+        with open(self.log_path(), "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        # Through to a server behind it: both are up (and, for HAProxy, its checks found one ready).
+        if wait_until_up(self.url, self.process, timeout=timeout):
+            return self
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()}")
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log_text()}")
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process is not None:
+            stop_process(self.process, timeout)  # SIGTERM: nginx's fast shutdown, HAProxy's hard stop
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            self._tmp.cleanup()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._tmp.cleanup()
 
 
 def free_port() -> int:
