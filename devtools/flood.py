@@ -20,7 +20,8 @@ from deploy/nginx.conf in front (devtools/nginx.py) and TRUSTED_PROXIES=1. Then:
 It passes when every probe got its 200 within a second, the workers held the whole flood at once
 (served directly), and no flood request reached gunicorn (through the proxy). Exit status 0 when it
 passed, 1 otherwise. Everything stays on 127.x loopback addresses. tests/test_flood.py and
-tests/test_proxy.py run the same code for 15-20 seconds.
+tests/test_proxy.py run the same code for 12-13 seconds, allowing a probe 3 s there, where other tests share the
+machine.
 """
 
 from __future__ import annotations
@@ -343,6 +344,7 @@ class FloodResult:
     wanted: dict[str, int]
     duration: float
     sources: int
+    within: float = 1.0  # every probe's 200 within this many seconds
     open_file_limit: int = 0
     # Served directly: the most flood connections the workers held at once, and how long after the
     # flood began they first held them all.
@@ -364,9 +366,9 @@ class FloodResult:
 
     def problems(self) -> list[str]:
         found = []
-        slow = [p for p in self.probes if not p.ok or p.seconds >= 1.0]
+        slow = [p for p in self.probes if not p.ok or p.seconds >= self.within]
         if slow:
-            found.append(f"{len(slow)} of {len(self.probes)} probes failed or took 1 s or more: "
+            found.append(f"{len(slow)} of {len(self.probes)} probes failed or took {self.within:g} s or more: "
                          + "; ".join(f"{p.kind} at {p.at:.1f}s: {p.status} in {p.seconds:.2f}s {p.detail}"
                                      for p in slow[:5]))
         if len(self.probes) < self.duration / 1.25:
@@ -406,10 +408,11 @@ def _mb(kb: int | None) -> float:
 
 
 def run_flood(*, idle: int = 9000, heads: int = 500, bodies: int = 500, duration: float = 60,
-              proxy: bool = False, sources: int = 1, workers: int = 2, latency: float = 0.0) -> FloodResult:
-    """One flood run; see the module docstring."""
+              proxy: bool = False, sources: int = 1, workers: int = 2, latency: float = 0.0,
+              within: float = 1.0) -> FloodResult:
+    """One flood run; see the module docstring. `within`: the seconds a probe may take."""
     addresses = flood_sources(sources)
-    result = FloodResult(proxy, {"idle": idle, "head": heads, "body": bodies}, duration, len(addresses))
+    result = FloodResult(proxy, {"idle": idle, "head": heads, "body": bodies}, duration, len(addresses), within)
     result.open_file_limit = raise_open_file_limit()
     env = {"WEB_CONCURRENCY": str(workers), "TRUSTED_PROXIES": "1" if proxy else "0"}
     with contextlib.ExitStack() as running:

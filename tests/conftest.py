@@ -9,6 +9,7 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import responses
@@ -18,6 +19,7 @@ from flask.testing import FlaskClient
 from config import VARIABLES
 from devtools.fake_accounts import FakeAccounts
 from devtools.process import Server
+from devtools.redis import RedisServer
 from limitstore import seconds_to_window_end
 from tests.helpers import BASE_CONFIG, Clock, app_for, server_env
 
@@ -38,6 +40,17 @@ def _no_process_unless_e2e(item: pytest.Item) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(subprocess.Popen, "__init__", _refuse_process)
         yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules whose tests are marked `long(seconds)` first, the longest first (by the sum of the marks), so that
+    a parallel run starts them at once rather than waiting for them at its end; xdist keeps this order
+    (--no-loadscope-reorder). The figures only order: a stale one costs time, never a result."""
+    seconds: dict[Path, float] = {}
+    for item in items:
+        mark = item.get_closest_marker("long")
+        seconds[item.path] = seconds.get(item.path, 0.0) + (float(mark.args[0]) if mark else 0.0)
+    items.sort(key=lambda item: -seconds[item.path])
 
 
 @pytest.hookimpl(wrapper=True)
@@ -139,6 +152,16 @@ def fake_accounts() -> Iterator[FakeAccounts]:
     """The stand-in for Spotify as a real HTTP server, one for the whole run."""
     with FakeAccounts() as fake:
         yield fake
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A throwaway redis-server on a free 127.0.0.1 port, no persistence, for one module's tests."""
+    from tests.tools import require  # here: imported at the top, it would be imported before pytest_plugins names it
+
+    require("redis-server")
+    with RedisServer() as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.e2e, needs("wrk", "openssl")]
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.long(9)
 def test_a_short_run_of_the_light_scenario_measures_real_refreshes_and_writes_its_results(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run(

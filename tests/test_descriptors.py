@@ -431,6 +431,7 @@ def test_dockerignore_keeps_secrets_and_tests_out_and_the_service_in():
 
 
 @pytest.mark.e2e
+@pytest.mark.long(7)
 def test_image_files_start_the_service_and_pass_the_healthcheck(tmp_path):
     """The files the Dockerfile copies, alone in a directory, run its CMD; its HEALTHCHECK sees /health."""
     for name in docker_copied_files():

@@ -117,6 +117,7 @@ def assert_dotenv_limits_apply(url: str) -> None:
 
 
 @pytest.mark.parametrize("way", ["flask run", "Procfile", "make run"])
+@pytest.mark.long(4)
 def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
     directory = copy_of_the_service(tmp_path)
     port = free_port()

@@ -194,6 +194,7 @@ def test_every_spelling_of_an_address_spends_one_budget(fake_accounts):
 
 @pytest.mark.e2e
 @pytest.mark.window(30, "1/day")  # a real server counts on the wall clock: not across midnight UTC
+@pytest.mark.long(8)
 def test_a_burst_of_junk_after_many_successes_stays_within_the_budget_plus_success_room():
     """300 successes banked, then 100 junk swaps at once: at most 5 + SUCCESS_ROOM reach Spotify."""
     with FakeAccounts(latency=0.3) as fake:

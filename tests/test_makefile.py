@@ -95,6 +95,7 @@ def test_a_missing_python_is_named(checkout):
 
 
 @pytest.mark.e2e
+@pytest.mark.long(5)
 def test_a_venv_made_by_another_python_is_made_again_and_a_linked_one_is_left_whole(checkout, old_python, tmp_path):
     # A .venv that is a symlink to a virtualenv elsewhere, made by the old Python (or a stand-in for one).
     shared = tmp_path / "elsewhere" / "venv"
@@ -124,6 +125,7 @@ def test_a_venv_made_by_another_python_is_made_again_and_a_linked_one_is_left_wh
 
 
 @pytest.mark.e2e
+@pytest.mark.long(4)
 def test_a_venv_whose_python_is_gone_is_made_again(checkout):
     (checkout / ".venv" / "bin").mkdir(parents=True)
     (checkout / ".venv" / "bin" / "python").symlink_to(checkout / "uninstalled-python")

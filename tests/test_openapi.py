@@ -99,6 +99,7 @@ def server() -> Iterator[Server]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(150)
+@pytest.mark.long(8)
 def test_schemathesis_finds_the_running_service_as_described(server, tmp_path):
     """Every check Schemathesis has but positive_data_acceptance (no 5xx, status codes, content types, headers and
     bodies as described, data the document forbids refused), over the coverage, fuzzing and stateful phases, with no

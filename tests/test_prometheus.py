@@ -152,6 +152,7 @@ def post(server: Server, path: str, **form: str) -> requests.Response:
     return requests.post(server.url + path, data=form, headers=CLOSE, timeout=10)
 
 
+@pytest.mark.long(7)
 def test_prometheus_counts_exactly_what_the_clients_did(scraped):
     server, prometheus = scraped
     prometheus.scraped_after(time.time())  # up and scraping before anything is counted
@@ -278,6 +279,7 @@ def _documented_scrape_job() -> dict:
     return job
 
 
+@pytest.mark.long(13)
 def test_two_instances_behind_nginx_scraped_each_count_exactly_and_a_drained_key_reads_zero(fake_accounts):
     # As documented: one target per instance (the example lists several), never the load balancer's name.
     [targets] = [config["targets"] for config in _documented_scrape_job()["static_configs"]]

@@ -186,17 +186,19 @@ def test_one_address_keeps_at_most_100_requests_in_progress(proxied):
 
 
 @pytest.mark.timeout(120)
-def test_a_flood_of_slow_connections_never_reaches_gunicorn_and_others_are_served_within_a_second():
-    """3,000 idle, slow-header and slow-body connections from 20 addresses for 20 s, reopened as nginx
-    closes them; /health and swaps from 127.0.0.2 through the proxy throughout."""
+@pytest.mark.long(16)
+def test_a_flood_of_slow_connections_never_reaches_gunicorn_and_others_are_served_throughout():
+    """3,000 idle, slow-header and slow-body connections from 20 addresses for 13 s, reopened as nginx
+    closes them; /health and swaps from 127.0.0.2 through the proxy throughout, each answered within 3 s here, where
+    other tests share the machine (bench/flood.py, run alone, holds it to 1 s)."""
     if raise_open_file_limit() < 8_000:
         pytest.fail("this test opens thousands of sockets: raise the hard open-file limit (ulimit -Hn)")
-    result = run_flood(proxy=True, idle=1000, heads=1000, bodies=1000, sources=20, duration=20)
+    result = run_flood(proxy=True, idle=1000, heads=1000, bodies=1000, sources=20, duration=13, within=3)
     print(result.summary())
 
     assert result.problems() == []
     assert result.reached_gunicorn == 0
-    assert max(p.seconds for p in result.probes) < 1.0 and len(result.probes) >= 30
+    assert len(result.probes) >= 30
     # nginx closed idle connections and unfinished heads after client_header_timeout (10 s), and
     # they came back; the slow bodies, each under 100 per address, it kept reading.
     assert result.closed_by_server["idle"] >= 1000 and result.closed_by_server["head"] >= 1000

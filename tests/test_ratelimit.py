@@ -25,7 +25,6 @@ from devtools.fake_accounts import CLIENT_ID
 from devtools.process import Server, free_port
 from devtools.redis import RedisServer
 from tests.helpers import BASE_CONFIG, SECRET, TOKEN_URL, Clock, app_for, server_env
-from tests.tools import require
 
 # The README's promise: a burst of junk overshoots the failure budget by at most this many calls.
 SUCCESS_ROOM = 10
@@ -414,20 +413,12 @@ def test_an_unreachable_limit_store_fails_open_and_says_so(caplog):
 # -- Redis: one budget for every worker and instance ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server on a free 127.0.0.1 port, no persistence."""
-    require("redis-server")
-    with RedisServer() as server:
-        yield server.url
-
-
 @pytest.fixture
-def redis_url(redis_server: str) -> str:
-    """The Redis server, emptied."""
-    with redis.Redis.from_url(redis_server) as connection:
+def redis_url(redis_server: RedisServer) -> str:
+    """The Redis server's URL, the server emptied."""
+    with redis.Redis.from_url(redis_server.url) as connection:
         connection.flushall()
-    return redis_server
+    return redis_server.url
 
 
 @pytest.mark.e2e

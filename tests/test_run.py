@@ -199,6 +199,7 @@ def still_running(tree: dict[int, str]) -> list[int]:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.long(5)
 def test_a_stop_prints_no_traceback_leaves_no_process_and_takes_seconds(tmp_path, how):
     """Ctrl-C as a terminal sends it (SIGINT to the whole process group), or SIGTERM to run.py alone,
     with a browser-like keep-alive connection open and the stand-in for Spotify running."""

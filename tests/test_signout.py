@@ -17,7 +17,6 @@ from config import load_config
 from crypto import TokenSealer
 from devtools.fake_accounts import CLIENT_ID
 from devtools.process import CLOSE, Server, json_answer, with_children
-from devtools.redis import RedisServer
 from tests.helpers import SECRET, server_env
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
@@ -37,15 +36,9 @@ def instance(fake_accounts):
 
 
 @pytest.fixture(scope="module")
-def shared_redis():
-    with RedisServer() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def two_instances(fake_accounts, shared_redis):
+def two_instances(fake_accounts, redis_server):
     """Two instances of the service sharing one Redis."""
-    env = server_env(fake_accounts.url, RATE_LIMIT_STORAGE_URI=shared_redis.url)
+    env = server_env(fake_accounts.url, RATE_LIMIT_STORAGE_URI=redis_server.url)
     with Server(env) as one, Server(env) as two:
         yield one, two
 
@@ -104,7 +97,7 @@ def test_a_sign_out_holds_on_every_worker_with_the_default_settings(instance, fa
     assert "Sign-outs (POST /revoke) are kept by this instance only" in instance.output()
 
 
-def test_a_sign_out_holds_on_every_instance_sharing_redis_for_the_grants_lifetime(two_instances, shared_redis):
+def test_a_sign_out_holds_on_every_instance_sharing_redis_for_the_grants_lifetime(two_instances, redis_server):
     one, two = two_instances
     first, rotated = sign_in_and_rotate(one)
     other = sign_in(two)
@@ -116,7 +109,7 @@ def test_a_sign_out_holds_on_every_instance_sharing_redis_for_the_grants_lifetim
 
     opened = SEALER.open(first)
     lifetime = load_config(server_env("http://127.0.0.1:9")).refresh_token_lifetime
-    with redis.Redis(port=shared_redis.port) as client:
+    with redis.Redis(port=redis_server.port) as client:
         keys = {key.decode() for key in client.keys(f"*{revocations.KEY_PREFIX}*")}
         assert any(key.endswith(f"grant:{opened.grant_id}") for key in keys)
         for key in keys:  # as long as the grant can live, counted from its sign-in, and no longer

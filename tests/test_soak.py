@@ -1,4 +1,4 @@
-"""A short soak of the real server (bench/soak.py's code, ~25 s), and the graceful-shutdown check."""
+"""A short soak of the real server (bench/soak.py's code, ~12 s), and the graceful-shutdown check."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` lea
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.long(15)
 def test_soak_keeps_the_contract_and_stays_flat():
     """Swaps, refreshes, junk, upstream faults and a flooding address at once, against two gunicorn workers.
 
     Flat means: after the warm-up, each worker's RSS grows by less than 10 MB and its open file
     descriptors by fewer than 20 (medians of three one-second samples, so one transient connection
-    is not growth); the workers are the same processes throughout; /health answers 200 within a
-    second to a probe every 0.25 s.
+    is not growth); the workers are the same processes throughout; /health answers 200 to a probe every 0.25 s,
+    within 3 s here, where other tests share the machine (bench/soak.py, run alone, holds it to a second).
     """
-    result = run_soak(duration=24, warmup=8, clients=8, workers=2, latency=0.02, attacker_limit=5)
+    result = run_soak(duration=12, warmup=4, clients=6, workers=2, latency=0.02, attacker_limit=5, health_within=3)
     print(result.summary())
     assert result.problems() == []
     # The mix really ran: every kind was sent and judged, and the flooding address was held back.

@@ -72,6 +72,7 @@ def refused(address: tuple[str, int]) -> bool:
 
 
 @pytest.mark.e2e
+@pytest.mark.long(5)
 def test_sigterm_drains_then_closes_waiting_connections_and_finishes_every_request_whose_headers_arrived():
     """New connections are refused at once; for the drain a request on an idle keep-alive connection
     is answered, with Connection: close; then pre-connected and idle keep-alive connections are
@@ -195,6 +196,7 @@ def test_a_connection_accepted_while_a_stopping_worker_still_listens_is_answered
 
 
 @pytest.mark.e2e
+@pytest.mark.long(6)
 def test_a_worker_gunicorn_retires_itself_drains_too_instead_of_holding_idle_connections():
     """gunicorn ends a worker on its own after --max-requests (and on a reload) by marking it no longer
     alive, with no signal: the stop is the same drain, so an idle keep-alive connection is closed after it,
@@ -256,6 +258,7 @@ def test_the_docs_quote_the_stop_time_gunicorn_conf_computes_and_grace_periods_a
 
 
 @pytest.mark.e2e
+@pytest.mark.long(9)
 def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connections_are_still_served():
     """STOP_DELAY=6 (room for a loaded machine to send its requests within it): from SIGTERM, /readyz answers 503 on
     new connections, while swaps on new connections and on a keep-alive one still get their 200 (a balancer checking
@@ -293,6 +296,7 @@ def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connection
 
 
 @pytest.mark.e2e
+@pytest.mark.long(5)
 def test_the_workers_of_a_killed_master_finish_what_they_hold_then_exit():
     """kill -9 of the master alone: its workers notice (once a second), finish the swap waiting on
     Spotify, close the rest and exit, instead of exiting at once."""
