@@ -31,6 +31,10 @@ test: python $(VENV)/.test-installed test-tools
 	$(VENV)/bin/python -m pytest
 # tests/tools.py as a pytest plugin: where CI is set (.ci/run), a skipped test is a failure.
 test: export PYTEST_PLUGINS = tests.tools
+# Compiled bytecode, pytest's rewritten test modules included, is kept (in __pycache__, which git ignores) even where
+# the environment sets PYTHONDONTWRITEBYTECODE (some CI images do): without it each pytest worker, and each server a
+# test starts, compiles every module again (about 3 s of CPU a worker).
+test: export PYTHONDONTWRITEBYTECODE =
 
 # Installs the missing tools with apt-get. Without apt-get (macOS, Fedora, ...), it says which are missing and goes
 # on: the tests that need them are skipped, each with its reason (tests/tools.py), and the rest run.

@@ -6,6 +6,7 @@ Helpers and constants that tests import live in tests/helpers.py; fixtures are o
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,15 @@ def _no_process_unless_e2e(item: pytest.Item) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(subprocess.Popen, "__init__", _refuse_process)
         yield
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject.toml): one worker per CPU for the fast tier, which computes; twice that, at most 8, when
+    end-to-end tests run, since they mostly wait on the servers, browsers and proxies they start."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if config.option.markexpr.replace(" ", "") == "note2e":
+        return cpus
+    return min(2 * cpus, 8)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
