@@ -14,6 +14,8 @@ from tests.helpers import unique
 
 INSTANCES = 3
 CLIENTS = 4  # enough to keep every instance busy; more only costs the machine CPU
+LATENCY = 0.05  # the stand-in's seconds per answer, about Spotify's: the clients ask at most 80 times a second
+SEEN = 20  # requests an instance must have served before it is stopped, and again once it is back
 
 
 class Clients:
@@ -78,13 +80,13 @@ def roll(servers: list[Server], balancer_url: str, balancer: str) -> tuple[int, 
         for server in servers:
             # Load on every instance, this one included, before it is stopped.
             since = len(server.output())
-            assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, "the instance got no traffic"
+            assert len(server.wait_for_access_log(SEEN, since, timeout=15)) >= SEEN, "the instance got no traffic"
             stopping = time.monotonic()
             assert server.stop() == 0
             stops.append(time.monotonic() - stopping)
             server.start()
             since = len(server.output())
-            assert len(server.wait_for_access_log(50, since, timeout=15)) >= 50, \
+            assert len(server.wait_for_access_log(SEEN, since, timeout=15)) >= SEEN, \
                 f"{balancer} never sent the restarted instance traffic"  # back in its rotation
         total = clients.total()
     return total, dict(clients.results), list(clients.failures), stops

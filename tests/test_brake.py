@@ -195,8 +195,8 @@ def test_while_held_every_grant_gets_the_wait_as_json(make_client, spotify):
 
 # -- the attacker's three cases, against gunicorn and the stand-in ---------------------------------------
 
-CLIENTS = 10
-SECONDS = 6.0
+CLIENTS = 6
+SECONDS = 5.0
 # Calls that reach the stand-in, at most, in each case (4,254 and 2,457 in 10 s with 20 clients without the
 # brake): the calls already on their way when the first answers come back (at most one per client), then one for
 # the instance each time a pause ends (after 2 and 4 s on 500s). Measured with 20 clients for 10 s: 2 to 12, 5 to

