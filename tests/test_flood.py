@@ -47,8 +47,9 @@ def test_10000_connections_held_by_one_address_leave_another_served_throughout()
     assert result.flood_answers["body 408"] >= 500
     assert result.closed_by_server["body"] >= 500 and set(result.closed_by_server) == {"body"}
     low, high = result.answer_seconds["body 408"]
-    # (measured from when the flood's thread saw its send of the head return: up to a few ms late)
-    assert BODY_TIMEOUT - 0.1 <= low and high < BODY_TIMEOUT + 1
+    # (measured from when the flood's thread saw its send of the head return: up to a few ms late; and up to
+    # `within` later on a machine other tests share)
+    assert BODY_TIMEOUT - 0.1 <= low and high < BODY_TIMEOUT + result.within
 
 
 # -- slow bodies, one by one -------------------------------------------------------------------
