@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import signal
@@ -143,10 +144,22 @@ class LoopbackProxy:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port that no socket holds right now, on any address, picked below the range the kernel takes the local
+    ports of outgoing connections from: a port picked there (as binding port 0 does) can be taken by one of the
+    thousands of connections tests running beside this one open, before the server this port is for binds it."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default; macOS and Windows begin at 49152
+    for _ in range(100):
+        port = random.randrange(10_000, ephemeral_low) if ephemeral_low > 10_000 else 0  # 0: the kernel's pick
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))  # every address, as the Procfile's 0.0.0.0 binds
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError(f"no free TCP port between 10000 and {ephemeral_low}")
 
 
 def web_command() -> str:
