@@ -269,7 +269,10 @@ def test_gunicorns_refusal_is_json(json_lines):
 @pytest.mark.e2e
 def test_json_logs_nothing_more_than_text(json_lines):
     text = run("text")
-    assert len(json_lines) == len(text), (json_lines, text)
+    # Line for line, but for /health's access lines: the start-up wait asks again when an answer takes over a second,
+    # so a loaded machine logs more of them.
+    assert len([line for line in json_lines if line.get("path") != "/health"]) == \
+        len([line for line in text if '"GET /health"' not in line]), (json_lines, text)
     # The text access line ends with the request id too.
     swap = next(line for line in text if '"POST /swap" 503' in line)
     assert swap.endswith(" req-e2e-1")
