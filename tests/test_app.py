@@ -439,10 +439,19 @@ def test_not_ready_once_a_stop_begins_but_still_alive(app, spotify):
 
 
 @pytest.mark.parametrize("failures", ["60/minute", "off"])  # off: no limit counts there, sign-outs still live there
-def test_not_ready_while_its_redis_does_not_answer(make_client, spotify, failures):
-    """Nothing listens at RATE_LIMIT_STORAGE_URI's port: /readyz says so; /livez never asks it."""
+@pytest.mark.parametrize("check", ["says no", "raises"])
+def test_not_ready_while_its_redis_does_not_answer(make_client, spotify, monkeypatch, failures, check):
+    """Nothing listens at RATE_LIMIT_STORAGE_URI's port: /readyz says so; /livez never asks it. The same when asking
+    raises (limits' Redis check says False for every error today; another storage, or its next version, may not)."""
+    from limits.storage import RedisStorage
+
     from devtools.process import free_port
 
+    if check == "raises":
+        def refused(self: RedisStorage) -> bool:
+            raise ConnectionError("Error 111 connecting: Connection refused.")
+
+        monkeypatch.setattr(RedisStorage, "check", refused)
     client = make_client(RATE_LIMIT_FAILURES=failures, RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}")
     assert_error(client.get("/readyz"), 503, "temporarily_unavailable",
                  "Not ready: its Redis (RATE_LIMIT_STORAGE_URI) does not answer")

@@ -140,6 +140,17 @@ def test_one_call_looks_for_every_process_sharing_the_time(clock, tmp_path, wher
     assert held(first) is None
 
 
+def test_a_claim_another_process_took_over_and_gave_back_is_given_back_without_error(clock, tmp_path):
+    """A process whose look outlived its claim finds the claim gone, or another's, when its answer comes."""
+    late, other = FileTime(str(tmp_path)), FileTime(str(tmp_path))
+    assert late.claim(clock(), 1)
+    assert not other.claim(clock(), 1)
+    assert other.claim(clock() + 2, 1), "an expired claim is taken over"
+    other.unclaim()
+    late.unclaim()  # nothing left to give back
+    assert late.claim(clock(), 1)
+
+
 def test_a_call_not_sent_after_all_lets_another_look(clock):
     brake = Brake(clock=clock)
     brake.answered("refresh_token", RATE_LIMITED)
@@ -161,8 +172,11 @@ def test_processes_sharing_a_storage_or_a_directory_share_the_brake(clock, tmp_p
     err = held(second)
     assert err is not None and (err.retry_after, err.status) == (30, 429)
     clock.now += 1
+    third = Brake(shared(), clock=clock)
     for _ in range(BAD_IN_A_ROW):  # a shorter pause elsewhere does not cut the longer one short
-        Brake(shared(), clock=clock).answered("refresh_token", SERVER_ERROR)
+        third.answered("refresh_token", SERVER_ERROR)
+    assert held(third) is not None, "the third engaged a pause of its own"
+    assert (err := held(Brake(shared(), clock=clock))) is not None and err.retry_after == 29, "a process now reads 29"
     assert (err := held(second)) is not None and err.retry_after == 29
     clock.now += 29
     assert held(second) is None

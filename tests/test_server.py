@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
+import gevent
 import gunicorn
 import pytest
 import requests
@@ -200,3 +203,39 @@ def test_a_stop_signal_sent_while_a_worker_boots_waits_for_gunicorns_handlers(mo
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
     assert server.STOP_SIGNALS <= mask["booting"] and server.STOP_SIGNALS <= mask["handlers"]
     assert not server.STOP_SIGNALS & mask["booted"]
+
+
+def test_a_second_sigterm_neither_restarts_the_stop_delay_nor_cuts_it_short(monkeypatch):
+    """systemd's SIGTERM reaches the workers, and then the master's: the first begins STOP_DELAY, the second changes
+    nothing (the app was told once, one stop is scheduled)."""
+    told, scheduled = [], []
+
+    class App:
+        def begin_stop(self) -> None:
+            told.append(True)
+
+    worker = server.Worker.__new__(server.Worker)
+    worker.announced, worker.stop_delay, worker.wsgi = False, 5.0, App()
+    worker.log = logging.getLogger("test")
+    monkeypatch.setattr(server.gevent, "spawn_later", lambda seconds, *call: scheduled.append(seconds))
+    for _ in range(2):
+        worker.handle_exit(signal.SIGTERM, None)
+    assert told == [True] and scheduled == [5.0]
+
+
+def test_a_connection_that_begins_to_wait_after_the_drain_ends_at_once_and_quietly():
+    """A keep-alive connection whose answer went out after the drain ended does not wait `keepalive` for another
+    request: its wait ends at once, as a timeout would, nothing raised."""
+    worker = server.Worker.__new__(server.Worker)
+    worker.waiting, worker.drained, worker.cfg = set(), True, SimpleNamespace(keepalive=60)
+    ended = []
+
+    def connection() -> None:
+        with worker.timeout_ctx():
+            gevent.sleep(60)  # waiting for the next request's head
+            ended.append("a request came")
+        ended.append("closed")
+
+    waiting = gevent.spawn(connection)
+    waiting.join(timeout=5)
+    assert ended == ["closed"] and waiting.successful() and worker.waiting == set()
