@@ -15,7 +15,7 @@ TRUSTED_PROXIES=1 and a failure limit of --attacker-limit per second. Then, for 
   and 500. Each comes from a random address (X-Forwarded-For), so none of them is rate limited. Two bad
   answers in a row engage the brake (brake.py): every request that would reach Spotify may then get its
   429/503 with Retry-After. Spotify's own 429 is not in the mix: it holds the whole app for its
-  Retry-After, which tests/test_brake.py holds under 20 clients.
+  Retry-After, which tests/test_brake.py holds under 6 clients at once.
 - one attacker thread floods junk codes from a single address: it must be held to its limit.
 - a prober asks GET /health every 0.25 s on a new connection.
 - a sampler reads each worker's VmRSS and open file descriptors from /proc every second.
@@ -31,7 +31,7 @@ swaps waiting on it, SIGTERM to the gunicorn master: every swap must complete wi
 master must exit 0 within gunicorn.conf.py's graceful_timeout.
 
 Exit status 0 when everything passed, 1 otherwise. Everything stays on 127.0.0.1.
-tests/test_soak.py runs the same code for ~25 seconds.
+tests/test_soak.py runs the same code for ~12 seconds.
 """
 
 from __future__ import annotations
