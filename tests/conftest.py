@@ -46,8 +46,11 @@ def _no_process_unless_e2e(item: pytest.Item) -> Iterator[None]:
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto` (pyproject.toml): one worker per CPU for the fast tier, which computes; three per CPU, at most 8, when
     end-to-end tests run, since they mostly wait on the servers, browsers and proxies they start (on 2 cores: 4
-    workers took 135 s, 6 took 116 s, 8 took 120 s)."""
+    workers took 135 s, 6 took 116 s, 8 took 120 s). None when the command line names tests (`pytest
+    tests/test_crypto.py`): starting workers would take longer than running them here (`-n 4` still asks for 4)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
+        return 0
     if config.option.markexpr.replace(" ", "") == "note2e":
         return cpus
     return min(3 * cpus, 8)
