@@ -15,7 +15,7 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, current_app, g, request
@@ -190,8 +190,27 @@ class Metrics:
         registry: CollectorRegistry = self.registry
         if os.environ.get(MULTIPROC_DIR):
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            registry.register(_WorkersFiles(os.environ[MULTIPROC_DIR], multiprocess.MultiProcessCollector.merge))
         return generate_latest(registry)
+
+
+class _WorkersFiles:
+    """client_python's MultiProcessCollector.collect (every *.db file of the directory, merged), leaving out the
+    files a starting worker has created but not yet sized: read in that instant, such a file has no header, and
+    the whole scrape failed with a struct.error (a 500 while gunicorn replaced a worker). It holds no counts yet."""
+
+    def __init__(self, directory: str, merge: Callable[..., Any]):
+        self._directory, self._merge = directory, merge
+
+    def collect(self) -> Any:
+        files = []
+        for path in glob.glob(os.path.join(self._directory, "*.db")):
+            try:
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except FileNotFoundError:  # a dead worker's live gauges, removed since the glob
+                continue
+        return self._merge(files, accumulate=True)
 
 
 def _build_labels() -> dict[str, str]:

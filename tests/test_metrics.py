@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -246,3 +247,17 @@ def test_token_age_expiry_refusals_and_other_formats_are_counted(config, spotify
     assert value(found, "tokenswap_grants_refused_total", reason="expired") == 1
     assert value(found, "tokenswap_tokens_opened_total", key="spotifyapiserver") == 1
     assert value(found, "tokenswap_tokens_opened_total", key="unsealed") == 1
+
+
+def test_a_file_a_starting_worker_has_not_sized_yet_is_no_error(config, monkeypatch, tmp_path):
+    """A worker's counts file exists, empty, for an instant after the worker creates it: a scrape in that instant is
+    answered, without it (it holds no counts yet), rather than failing whole."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    written = MmapedDict(str(tmp_path / "counter_101.db"))  # a running worker's, one count
+    written.write_value(json.dumps(["tokenswap_probe", "tokenswap_probe_total", {}, "A count."]), 3.0, 0.0)
+    written.close()
+    (tmp_path / "counter_102.db").touch()  # a starting worker's
+    monkeypatch.setenv(metrics.MULTIPROC_DIR, str(tmp_path))
+    app = app_for({**config, "METRICS_TOKEN": TOKEN})
+    assert b"tokenswap_probe_total 3.0" in app.extensions["metrics"].exposition()
