@@ -288,8 +288,9 @@ def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connection
         output = server.output()
     assert served.status_code == 200, served.text
     assert kept_status == 200 and kept_headers.get("connection") != "close"
-    # Timers never fire early: the port cannot close before the delay, however loaded the machine.
-    assert answered_within < closed_after and closed_after >= delay, (answered_within, closed_after)
+    # The port closes only once the delay is over (a loaded machine makes it later, never earlier; gevent's timer
+    # counts from the time its loop cached, which can be a few ms before the signal: measured 5.993 s once).
+    assert answered_within < closed_after and closed_after >= delay - 0.1, (answered_within, closed_after)
     assert output.count("Stopping in 6.0 s (STOP_DELAY)") == 1
     assert exit_code == 0
     assert "[ERROR]" not in output and "Traceback" not in output, output
