@@ -138,8 +138,9 @@ def test_a_body_not_all_arrived_10_s_after_its_headers_is_408_json_and_the_conne
             "error": "invalid_request",
             "error_description": f"The body did not arrive within {BODY_TIMEOUT} seconds of its headers",
         }
-        # Never before the bound; after it, as soon as a loaded machine gets to it.
-        assert BODY_TIMEOUT <= seconds < BODY_TIMEOUT + 5, (name, seconds)
+        # Not before the bound (gevent's timer counts from its loop's cached time, a few ms early at most: 9.989 s
+        # measured once); after it, as soon as a loaded machine gets to it.
+        assert BODY_TIMEOUT - 0.1 <= seconds < BODY_TIMEOUT + 5, (name, seconds)
         assert closed, f"{name}: the connection stayed open after the 408"
     seconds, answer, _ = results["in time"]
     assert answer.startswith(b"HTTP/1.1 200 "), answer
