@@ -13,7 +13,7 @@ import requests
 import server
 from config import generate_secret
 from devtools.fake_accounts import CLIENT_ID, CLIENT_SECRET, FakeAccounts
-from devtools.process import CLOSE, free_port, json_answer, web_command
+from devtools.process import CLOSE, free_port, json_answer, wait_for, web_command
 from tests.helpers import bare_environment, copy_of_the_service, started
 
 pytestmark = pytest.mark.e2e  # starts real processes: `pytest -m 'not e2e'` leaves it out
@@ -137,6 +137,8 @@ def test_every_way_of_starting_reads_the_same_dotenv(way, tmp_path):
             # The swap went to the .env's accounts service, with the .env's client.
             grants = [r["form"]["grant_type"] for r in fake.requests]
             assert [r["form"]["code"] for r in fake.requests if "code" in r["form"]] == ["first"]
+            if way == "make run":  # its banner comes once its own wait has seen the server up
+                wait_for(lambda: "The token swap service is running" in output(), 30, "the banner")
     if way == "make run":
         # .env points at the stand-in, not Spotify: the banner says so, naming the variable.
         assert f"Not Spotify: the credentials in .env, with SPOTIFY_ACCOUNTS_URL={fake.url}" in output()

@@ -22,7 +22,7 @@ from dotenv import dotenv_values
 from config import MIN_SECRET_LENGTH, load_config
 from devtools import run
 from devtools.fake_accounts import FakeAccounts
-from devtools.process import CLOSE, free_port, json_answer
+from devtools.process import CLOSE, free_port, json_answer, wait_for
 from server import DRAIN_SECONDS
 from tests.helpers import bare_environment, copy_of_the_service, started
 
@@ -146,6 +146,8 @@ def test_with_credentials_in_dotenv_it_checks_them_before_serving_and_the_page_s
         url = f"http://127.0.0.1:{port}"
         with started([sys.executable, "-m", "devtools.run", "--port", str(port)], directory, bare_environment(), url) as output:
             page = requests.get(url + "/", headers=CLOSE, timeout=10).text
+            # The banner comes once run.py's own wait has seen the server up, which can be after this test's did.
+            wait_for(lambda: "The token swap service is running" in output(), 30, "the banner")
     console = output()
     assert "Checking this deployment before serving" in console
     assert says in console
