@@ -273,8 +273,8 @@ def test_from_sigterm_readyz_answers_503_for_the_stop_delay_while_new_connection
         assert read_answer(kept)[0] == 200
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: requests.get(server.url + "/readyz", headers={"Connection": "close"}, timeout=5).status_code
-                 == 503, 5, "/readyz answering 503")
+        wait_for(lambda: requests.get(server.url + "/readyz", headers={"Connection": "close"}, timeout=15).status_code
+                 == 503, 15, "/readyz answering 503")  # (a loaded machine once took over 5 s to answer)
         # Not ready, yet serving: on a new connection, and on one kept alive from before the stop.
         served = requests.post(server.url + "/swap", data={"code": f"code-{uuid.uuid4().hex}"},
                                headers={"Connection": "close"}, timeout=10)
