@@ -15,7 +15,7 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, current_app, g, request
@@ -185,12 +185,12 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """Every metric in Prometheus' text format, summed over the workers in multiprocess mode."""
-        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+        from prometheus_client import CollectorRegistry, generate_latest
 
         registry: CollectorRegistry = self.registry
         if os.environ.get(MULTIPROC_DIR):
             registry = CollectorRegistry()
-            registry.register(_WorkersFiles(os.environ[MULTIPROC_DIR], multiprocess.MultiProcessCollector.merge))
+            registry.register(_WorkersFiles(os.environ[MULTIPROC_DIR]))
         return generate_latest(registry)
 
 
@@ -199,10 +199,12 @@ class _WorkersFiles:
     files a starting worker has created but not yet sized: read in that instant, such a file has no header, and
     the whole scrape failed with a struct.error (a 500 while gunicorn replaced a worker). It holds no counts yet."""
 
-    def __init__(self, directory: str, merge: Callable[..., Any]):
-        self._directory, self._merge = directory, merge
+    def __init__(self, directory: str):
+        self._directory = directory
 
     def collect(self) -> Any:
+        from prometheus_client import multiprocess
+
         files = []
         for path in glob.glob(os.path.join(self._directory, "*.db")):
             try:
@@ -210,7 +212,7 @@ class _WorkersFiles:
                     files.append(path)
             except FileNotFoundError:  # a dead worker's live gauges, removed since the glob
                 continue
-        return self._merge(files, accumulate=True)
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
 
 
 def _build_labels() -> dict[str, str]:
